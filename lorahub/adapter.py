@@ -1,0 +1,261 @@
+"""The one in-memory representation of a LoRA adapter.
+
+Every format reader produces an `Adapter`; every writer consumes one. Factors are `LazyTensor`s:
+a file-backed reference that reads its bytes only when asked (safetensors `safe_open`), or a tensor
+already in memory (results of resize/blend/convert).
+
+Orientation: whatever the layer kind, the *math* view of a layer is ΔW = scale · B₂ · A₂ with
+A₂ = A.flatten(1) of shape (r, k) and B₂ = B.flatten(1) of shape (n, r). `delta_weight()` returns ΔW
+in the base weight's own layout:
+
+| kind        | A (native)        | B (native)      | base weight       | ΔW in base layout          |
+| linear      | (r, in)           | (out, r)        | (out, in)         | s·B·A                      |
+| linear+fifo | (r, in)           | (out, r)        | (in, out) Conv1D  | (s·B·A)ᵀ                   |
+| conv        | (r, in, kh, kw)   | (out, r, 1, 1)  | (out, in, kh, kw) | (s·B₂·A₂).reshape          |
+| embedding   | (r, num)          | (dim, r)        | (num, dim)        | (s·B·A)ᵀ                   |
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LorahubError
+
+KINDS = ("linear", "conv", "embedding")
+
+# safetensors dtype names <-> torch dtypes
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    ST_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
+    ST_DTYPES["F8_E5M2"] = torch.float8_e5m2
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class LazyTensor:
+    """A tensor that is either in memory or read on demand from a safetensors file."""
+
+    __slots__ = ("path", "key", "shape", "dtype", "_value")
+
+    def __init__(self, *, path: Path | None = None, key: str | None = None,
+                 shape: tuple[int, ...] | None = None, dtype: str | None = None,
+                 value: torch.Tensor | None = None):
+        if value is not None:
+            shape = tuple(value.shape)
+            dtype = TORCH_TO_ST.get(value.dtype, str(value.dtype))
+        self.path = Path(path) if path is not None else None
+        self.key = key
+        self.shape: tuple[int, ...] = tuple(shape or ())
+        self.dtype: str = dtype or "F32"
+        self._value = value
+
+    @classmethod
+    def of(cls, value: torch.Tensor, key: str | None = None) -> "LazyTensor":
+        return cls(value=value, key=key)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ST_ITEMSIZE.get(self.dtype, 4)
+
+    @property
+    def loaded(self) -> bool:
+        return self._value is not None
+
+    def load(self) -> torch.Tensor:
+        """The tensor in its stored dtype (not cached: adapters can be larger than we want to keep)."""
+        if self._value is not None:
+            return self._value
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                return handle.get_tensor(self.key)
+        except Exception as exc:  # safetensors raises several types; the user needs file + key
+            raise LorahubError(f"cannot read tensor: {exc}", path=self.path, key=self.key) from None
+
+    def float(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return self.load().to(device=device, dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        where = "memory" if self._value is not None else f"{self.path}:{self.key}"
+        return f"LazyTensor({self.dtype}{list(self.shape)} @ {where})"
+
+
+@dataclass
+class LoraLayer:
+    """One adapted module.
+
+    `target` is the module's dotted path as the base model names it, with a diffusers component
+    prefix where the adapter has components (`unet.`, `text_encoder.`, `text_encoder_2.`,
+    `transformer.`). For PEFT adapters of transformers models it is the path inside the model
+    (`model.layers.0.self_attn.q_proj`), without PEFT's `base_model.model.` prefix.
+    """
+
+    target: str
+    kind: str  # "linear" | "conv" | "embedding"
+    A: LazyTensor
+    B: LazyTensor
+    alpha: float
+    rank: int
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False  # GPT-2 Conv1D: base weight is (in, out)
+    magnitude: LazyTensor | None = None  # DoRA magnitude vector (native shape)
+    bias: LazyTensor | None = None  # lora_B.bias (lora_bias=True): added to the base bias as s·b
+    source_key: str = ""  # the module prefix in the file, for messages
+    # original target name if the file's name had to be guessed (kohya underscore names)
+    source_name: str | None = None
+
+    @property
+    def scale(self) -> float:
+        if self.rank == 0:
+            return 0.0
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    @property
+    def in_features(self) -> int:
+        """k: columns of the math view (conv: in·kh·kw; embedding: num_embeddings)."""
+        return math.prod(self.A.shape[1:])
+
+    @property
+    def out_features(self) -> int:
+        """n: rows of the math view (embedding: embedding_dim)."""
+        return self.B.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.A.shape[2:]) if self.kind == "conv" else ()
+
+    @property
+    def base_shape(self) -> tuple[int, ...]:
+        """The shape of the base weight this layer adapts."""
+        if self.kind == "conv":
+            return (self.B.shape[0], self.A.shape[1], *self.A.shape[2:])
+        if self.kind == "embedding":
+            return (self.A.shape[1], self.B.shape[0])
+        if self.fan_in_fan_out:
+            return (self.A.shape[1], self.B.shape[0])
+        return (self.B.shape[0], self.A.shape[1])
+
+    @property
+    def num_params(self) -> int:
+        total = self.A.numel + self.B.numel
+        if self.magnitude is not None:
+            total += self.magnitude.numel
+        if self.bias is not None:
+            total += self.bias.numel
+        return total
+
+    def factors(self, device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B₂ (n×r), A₂ (r×k)) in the math view, unscaled."""
+        down = self.A.load().to(device=device, dtype=dtype).reshape(self.A.shape[0], -1)
+        up = self.B.load().to(device=device, dtype=dtype).reshape(self.B.shape[0], -1)
+        return up, down
+
+    def delta_math(self, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s·B₂·A₂, shape (n, k). Dense: use only where a dense delta is the point."""
+        up, down = self.factors(device, dtype)
+        return (up * self.scale) @ down
+
+    def to_base_layout(self, delta_math: torch.Tensor) -> torch.Tensor:
+        """Turn an (n, k) math-view matrix into the base weight's layout."""
+        if self.kind == "conv":
+            return delta_math.reshape(self.base_shape)
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            return delta_math.T
+        return delta_math
+
+    def delta_weight(self, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW in the base weight's layout (see the module docstring)."""
+        return self.to_base_layout(self.delta_math(device, dtype))
+
+    def with_factors(self, up: torch.Tensor, down: torch.Tensor, *, alpha: float | None = None,
+                     use_rslora: bool | None = None) -> "LoraLayer":
+        """A copy of this layer with new math-view factors (n×r', r'×k), reshaped to native shapes."""
+        rank = down.shape[0]
+        if self.kind == "conv":
+            down = down.reshape(rank, *self.A.shape[1:])
+            up = up.reshape(up.shape[0], rank, *([1] * (len(self.B.shape) - 2)))
+        return LoraLayer(
+            target=self.target, kind=self.kind, A=LazyTensor.of(down.contiguous()),
+            B=LazyTensor.of(up.contiguous()), alpha=float(rank if alpha is None else alpha), rank=rank,
+            use_rslora=self.use_rslora if use_rslora is None else use_rslora,
+            fan_in_fan_out=self.fan_in_fan_out, magnitude=self.magnitude, bias=self.bias,
+            source_key=self.source_key, source_name=self.source_name)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: its layers, the full tensors it replaces, and what its file says about it."""
+
+    path: Path | None
+    format: str  # "peft" | "kohya" | "diffusers" | "lycoris"
+    layers: dict[str, LoraLayer] = field(default_factory=dict)
+    # full tensors that replace base tensors (PEFT modules_to_save, bias="all"), keyed by the base
+    # tensor name (e.g. "lm_head.weight", "score.weight")
+    full_tensors: dict[str, LazyTensor] = field(default_factory=dict)
+    base_model: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # PEFT config as read (unknown keys kept)
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
+    files: list[Path] = field(default_factory=list)  # weight files the adapter was read from
+    # LyCORIS and other non-LoRA modules: target -> algorithm name ("loha", "lokr", ...)
+    other_modules: dict[str, str] = field(default_factory=dict)
+    # extra keys in the file that no layer claims (reported by inspect, kept by writers where possible)
+    extra_keys: list[str] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [layer.rank for layer in self.layers.values()]
+
+    @property
+    def is_dora(self) -> bool:
+        return any(layer.is_dora for layer in self.layers.values())
+
+    @property
+    def use_rslora(self) -> bool:
+        return any(layer.use_rslora for layer in self.layers.values())
+
+    @property
+    def num_params(self) -> int:
+        return sum(layer.num_params for layer in self.layers.values()) + sum(
+            t.numel for t in self.full_tensors.values())
+
+    @property
+    def name(self) -> str:
+        if self.path is None:
+            return "<memory>"
+        return self.path.name
+
+    def require_lora(self, operation: str) -> None:
+        """Refuse operations that need math lorahub does not have for LyCORIS algorithms."""
+        if self.other_modules:
+            algos = sorted(set(self.other_modules.values()))
+            raise LorahubError(
+                f"{operation} is not supported yet for LyCORIS {'/'.join(algos)} modules "
+                f"({len(self.other_modules)} in this file); only LoRA/LoCon layers are", path=self.path)

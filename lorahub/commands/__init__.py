@@ -1,0 +1,1 @@
+"""One module per CLI command (auto-registered by lorahub.cli)."""

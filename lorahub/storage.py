@@ -1,0 +1,215 @@
+"""Files: safetensors headers without reading data, atomic outputs, hashes people look adapters up by."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import LorahubError
+
+# a safetensors header larger than this is corrupt, not big (the format caps it at 100 MB)
+MAX_HEADER_BYTES = 100_000_000
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # offset of the data, relative to the start of the data section
+    end: int
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    header_len: int  # N: the JSON length
+    tensors: dict[str, TensorInfo]  # in header order
+    metadata: dict[str, str]
+    file_size: int
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+    def absolute_range(self, name: str) -> tuple[int, int]:
+        info = self.tensors[name]
+        return self.data_start + info.begin, self.data_start + info.end
+
+
+def parse_header_bytes(raw: bytes, path: Path | str, file_size: int | None) -> SafetensorsHeader:
+    """Parse the JSON header (the bytes after the 8-byte length) and check it against the file size."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LorahubError(f"corrupt safetensors header ({exc.__class__.__name__}: {exc})", path=path) from None
+    if not isinstance(header, dict):
+        raise LorahubError("corrupt safetensors header (not a JSON object)", path=path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise LorahubError("corrupt safetensors header (__metadata__ is not an object)", path=path)
+    tensors: dict[str, TensorInfo] = {}
+    data_len = 0
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            info = TensorInfo(name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), int(begin), int(end))
+        except (KeyError, TypeError, ValueError):
+            raise LorahubError("corrupt safetensors header entry", path=path, key=name) from None
+        if info.end < info.begin:
+            raise LorahubError("corrupt safetensors header (negative tensor size)", path=path, key=name)
+        data_len = max(data_len, info.end)
+        tensors[name] = info
+    if file_size is not None and 8 + len(raw) + data_len > file_size:
+        missing = 8 + len(raw) + data_len - file_size
+        raise LorahubError(f"truncated safetensors file ({missing} bytes of tensor data missing)", path=path)
+    return SafetensorsHeader(Path(str(path)), len(raw), tensors, {str(k): str(v) for k, v in metadata.items()},
+                             file_size if file_size is not None else 8 + len(raw) + data_len)
+
+
+def read_header(path: Path | str) -> SafetensorsHeader:
+    """Read a safetensors header: 8 bytes + N bytes, never the tensor data."""
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise LorahubError("not a safetensors file (shorter than 8 bytes)", path=path)
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
+                raise LorahubError(
+                    f"not a safetensors file or corrupt header (header length {header_len} > file size {file_size})",
+                    path=path)
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+    if raw[:1] != b"{":
+        raise LorahubError("not a safetensors file (header does not start with '{')", path=path)
+    return parse_header_bytes(raw, path, file_size)
+
+
+def is_pickle_path(path: Path) -> bool:
+    return path.suffix.lower() in PICKLE_SUFFIXES
+
+
+def load_pickle_state_dict(path: Path, allow_pickle: bool) -> dict:
+    """Load a pickled state dict only when the user asked for it, and then with weights_only=True."""
+    if not allow_pickle:
+        raise LorahubError(
+            "pickle file refused (it can run code when loaded); convert it to safetensors, "
+            "or pass --allow-pickle to load it with torch.load(weights_only=True)", path=path)
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise LorahubError(f"cannot load pickle with weights_only=True: {str(exc).splitlines()[0]}",
+                           path=path) from None
+    if not isinstance(state, dict):
+        raise LorahubError("pickle file does not hold a state dict", path=path)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic outputs
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path | str, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it into place only if the block completes.
+
+    On any error (or KeyboardInterrupt) the temporary is removed and `final` is untouched. A kill -9
+    leaves only a `.lorahub-tmp-*` sibling, never a half-written `final`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}.lorahub-tmp-"
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir:
+            _replace_dir(tmp, final)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place; an existing `final` is swapped out, then removed."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.lorahub-old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------
+# hashes
+
+def _sha256_range(path: Path, start: int, length: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        remaining = length
+        while True:
+            size = 1 << 22 if remaining is None else min(1 << 22, remaining)
+            if size == 0:
+                break
+            chunk = handle.read(size)
+            if not chunk:
+                break
+            digest.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    return _sha256_range(Path(path), 0)
+
+
+def file_hashes(path: Path | str) -> dict[str, str]:
+    """sha256 (whole file), AutoV2 (its first 10 hex), and for safetensors the data-only hash that
+    kohya writes as `sshs_model_hash` (= civitai AutoV3; A1111 shows its first 12 hex)."""
+    path = Path(path)
+    whole = file_sha256(path)
+    hashes = {"sha256": whole, "autov2": whole[:10].upper()}
+    if path.suffix == ".safetensors":
+        header = read_header(path)
+        data_hash = _sha256_range(path, header.data_start)
+        hashes["sshs_model_hash"] = data_hash
+        hashes["autov3"] = data_hash[:12].upper()
+        hashes["a1111_shorthash"] = data_hash[:12]
+    return hashes
+
+
+def data_section_sha256(path: Path | str) -> str:
+    header = read_header(path)
+    return _sha256_range(Path(path), header.data_start)
+
+
+def legacy_hash_of_bytes(data: bytes) -> str:
+    """kohya `sshs_legacy_hash`: sha256 of the 0x10000 bytes at offset 0x100000, first 8 hex."""
+    return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]

@@ -1,0 +1,90 @@
+"""Rendering: one rich console, `--json` output, progress bars, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+# rich honours NO_COLOR itself; stderr carries progress and errors so stdout stays parseable
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+
+
+def print_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2, sort_keys=False, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]], **kwargs: Any) -> Table:
+    out = Table(title=title, title_justify="left", **kwargs)
+    for column in columns:
+        out.add_column(column)
+    for row in rows:
+        out.add_row(*[str(cell) for cell in row])
+    return out
+
+
+def progress_enabled() -> bool:
+    return err_console.is_terminal and not os.environ.get("LORAHUB_NO_PROGRESS")
+
+
+@contextmanager
+def byte_progress(description: str, total: int) -> Iterator[Any]:
+    """A progress bar in bytes on stderr; yields `advance(nbytes)`. Silent when not a terminal."""
+    if not progress_enabled():
+        yield lambda nbytes: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda nbytes: progress.advance(task, nbytes)
+
+
+@contextmanager
+def step_progress(description: str, total: int) -> Iterator[Any]:
+    """A progress bar in items (layers, files) on stderr; yields `advance(n=1)`."""
+    if not progress_enabled():
+        yield lambda n=1: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
+
+
+def error_line(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)

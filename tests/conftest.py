@@ -1,0 +1,2 @@
+# Fixture modules live beside this file; fixtures_hub must load before anything imports huggingface_hub.
+pytest_plugins = ["fixtures_hub", "fixtures_models"]

@@ -1,0 +1,1 @@
+"""Test Hub server fixtures (placeholder)."""

@@ -1,0 +1,1 @@
+"""Real adapters made by PEFT/diffusers on tiny models (placeholder)."""
