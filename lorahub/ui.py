@@ -14,8 +14,15 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 from rich.table import Table
 
 # rich honours NO_COLOR itself; stderr carries progress and errors so stdout stays parseable
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+def _make_console(stderr: bool) -> Console:
+    probe = Console(stderr=stderr)
+    # piped output (CI logs, `| less`) gets a wide page instead of rich's 80 columns
+    width = None if probe.is_terminal or os.environ.get("COLUMNS") else 200
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+
+
+console = _make_console(False)
+err_console = _make_console(True)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 

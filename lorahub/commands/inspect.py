@@ -1,0 +1,113 @@
+"""`lorahub inspect PATH`."""
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ..cliutil import adapter_input_options, resolve_path
+from ..inspect import inspect_adapter, nonfinite_error
+from ..ui import console, error_line, human_bytes, json_option, print_json, table
+
+
+@click.command("inspect")
+@click.argument("path")
+@adapter_input_options
+@click.option("--layers", is_flag=True, help="Print the per-layer table.")
+@click.option("--spectrum", is_flag=True,
+              help="Singular values of every layer (exact, from the factors) and its effective rank "
+                   "(how many singular values carry 99% of the energy).")
+@click.option("--headers-only", is_flag=True, help="Read safetensors headers only: no hashes, no NaN/Inf scan.")
+@json_option
+@click.pass_context
+def inspect_command(ctx, path, input_format, allow_pickle, layers, spectrum, headers_only, as_json):
+    """Describe an adapter: format, base model, ranks, alphas, scales, targets, hashes, NaN/Inf.
+
+    PATH is a PEFT directory, a kohya/A1111, diffusers or LyCORIS .safetensors file, or
+    hf://owner/name[@revision][/file].
+
+    \b
+    Examples:
+      lorahub inspect ./my-lora/
+      lorahub inspect style.safetensors --layers
+      lorahub inspect hf://alice/llama-lora@v1 --json
+    """
+    info = inspect_adapter(resolve_path(path), format=None if input_format == "auto" else input_format,
+                           allow_pickle=allow_pickle, read_data=not headers_only, spectrum=spectrum)
+    problem = nonfinite_error(info)
+    if as_json:
+        print_json(info)
+    else:
+        render(info, show_layers=layers or spectrum)
+    if problem is not None:
+        error_line(str(problem))
+        ctx.exit(1)
+
+
+def _dist(info, key) -> str:
+    single = info[key.removesuffix("_distribution")]
+    if single is not None:
+        return str(single)
+    return ", ".join(f"{value} ×{count}" for value, count in info[key].items())
+
+
+def render(info: dict, show_layers: bool = False) -> None:
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    flags = [name for name, on in (("DoRA", info["dora"]), ("rsLoRA", info["rslora"]),
+                                   ("fan-in-fan-out", info["fan_in_fan_out"])) if on]
+    rows = [
+        ("path", info["path"]),
+        ("format", info["format"] + (f" ({', '.join(flags)})" if flags else "")),
+        ("base model", info["base_model"] or "(not named in the file)"),
+        ("modules", f"{info['modules']}" + (f"  ({', '.join(f'{k} ×{v}' for k, v in info['components'].items())})"
+                                            if info["components"] else "")),
+        ("rank", _dist(info, "rank_distribution")),
+        ("alpha", _dist(info, "alpha_distribution")),
+        ("scale", _dist(info, "scale_distribution")),
+        ("kinds", ", ".join(f"{k} ×{v}" for k, v in info["kinds"].items())),
+        ("targets", ", ".join(f"{k} ×{v}" for k, v in info["targets"].items())),
+        ("parameters", f"{info['trainable_parameters']:,}"),
+        ("size", human_bytes(info["file_size"])),
+        ("dtypes", ", ".join(f"{k} ×{v}" for k, v in info["dtypes"].items())),
+    ]
+    if info["modules_to_save"]:
+        rows.append(("full tensors", ", ".join(info["modules_to_save"])))
+    if info["lycoris"]:
+        rows.append(("LyCORIS", ", ".join(f"{k} ×{v}" for k, v in info["lycoris"].items())
+                     + "  (recognised; merge/resize/blend/convert not supported yet)"))
+    if info["unclaimed_keys"]:
+        rows.append(("other keys", f"{len(info['unclaimed_keys'])} (e.g. {info['unclaimed_keys'][0]})"))
+    for entry in info["files"]:
+        for name, value in entry.get("hashes", {}).items():
+            rows.append((name, value))
+        if "embedded_sshs_model_hash_matches" in entry:
+            rows.append(("embedded sshs", "matches the data" if entry["embedded_sshs_model_hash_matches"]
+                         else "STALE: differs from the data (A1111/civitai will show a wrong hash)"))
+    if "nonfinite" in info:
+        rows.append(("NaN/Inf", "none" if not info["nonfinite"] else
+                     f"{len(info['nonfinite'])} tensors: " + ", ".join(e["key"] for e in info["nonfinite"][:3])))
+    for warning in info.get("warnings", []):
+        rows.append(("warning", warning))
+    meta = {k: v for k, v in info["metadata"].items() if k != "format"}
+    if meta:
+        shown = list(meta.items())[:12]
+        rows.append(("metadata", "; ".join(f"{k}={v if len(v) < 60 else v[:57] + '...'}" for k, v in shown)
+                     + (f"; … {len(meta) - 12} more (--json)" if len(meta) > 12 else "")))
+    for name, value in rows:
+        summary.add_row(name, str(value))
+    console.print(summary)
+    if show_layers:
+        columns = ["module", "kind", "rank", "alpha", "scale", "A", "B"]
+        spectrum = any("effective_rank_99" in e for e in info["layers"])
+        if spectrum:
+            columns += ["eff. rank (99%)", "σ₀"]
+        rows = []
+        for e in info["layers"]:
+            row = [e["target"], e["kind"], e["rank"], e["alpha"], e["scale"], "×".join(map(str, e["A"])),
+                   "×".join(map(str, e["B"]))]
+            if spectrum:
+                values = e.get("singular_values") or [0.0]
+                row += [e.get("effective_rank_99", ""), f"{values[0]:.4g}"]
+            rows.append(row)
+        console.print(table(None, columns, rows))

@@ -1,0 +1,173 @@
+"""kohya / A1111 single files: `<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`, `.dora_scale`.
+
+LyCORIS files use the same module names with other tensor kinds (`hada_*`, `lokr_*`, ...); they are
+recognised here and listed as `other_modules` (format "lycoris").
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..adapter import Adapter, LoraLayer
+from ..errors import LorahubError
+from .common import (TensorSource, check_pair, component_of, kohya_to_target, layer_kind, missing_partner,
+                     target_to_kohya)
+
+NAME = "kohya"
+LYCORIS_MARKERS = {
+    "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_w2_a": "loha", "hada_w2_b": "loha", "hada_t1": "loha",
+    "hada_t2": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr",
+    "lokr_w2_a": "lokr", "lokr_w2_b": "lokr", "lokr_t2": "lokr", "oft_blocks": "oft", "oft_diag": "oft",
+    "diff": "full", "diff_b": "full", "w_norm": "norm", "b_norm": "norm", "a1.weight": "glora",
+    "lora_mid.weight": "locon-tucker", "on_input": "ia3",
+}
+LORA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
+                 ".dora_scale": "dora", ".lora_down.bias": "down_bias", ".lora_up.bias": "bias"}
+# lorahub writes each module's exact target, kind and orientation here (JSON), so round trips through
+# kohya files need no name guessing and keep embedding / Conv1D layers what they were
+LAYERS_METADATA = "lorahub.layers"
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    for suffix, label in LORA_SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], label
+    return None
+
+
+def looks_like(keys: list[str]) -> bool:
+    return any(".lora_down." in k or ".lora_up." in k for k in keys) or lycoris_keys(keys) > 0
+
+
+def lycoris_keys(keys: list[str]) -> int:
+    count = 0
+    for key in keys:
+        tail = key.split(".", 1)[1] if "." in key else key
+        if tail in LYCORIS_MARKERS or tail.removesuffix(".weight") in LYCORIS_MARKERS:
+            count += 1
+    return count
+
+
+def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None = None) -> Adapter:
+    source = source or TensorSource(path, allow_pickle=allow_pickle)
+    metadata = source.metadata
+    known = read_layers_metadata(metadata)
+    known_targets = {name: entry["target"] for name, entry in known.items()}
+    adapter = Adapter(path=path, format=NAME, metadata=metadata, files=[path],
+                      base_model=metadata.get("lorahub.base_model") or metadata.get("ss_sd_model_name") or metadata.get("modelspec.architecture"))
+    groups: dict[str, dict[str, str]] = {}
+    for key in source.keys():
+        split = _split(key)
+        if split is None:
+            module, _, tail = key.partition(".")
+            algo = LYCORIS_MARKERS.get(tail) or LYCORIS_MARKERS.get(tail.removesuffix(".weight"))
+            if algo:
+                adapter.other_modules[known_targets.get(module, kohya_to_target(module))] = algo
+            else:
+                adapter.extra_keys.append(key)
+            continue
+        module, label = split
+        groups.setdefault(module, {})[label] = key
+
+    for module, keys in groups.items():
+        target = known_targets.get(module) or kohya_to_target(module)
+        if target in adapter.other_modules:
+            continue  # LoHa/LoKr modules carry .alpha too
+        if "down" not in keys or "up" not in keys:
+            present = keys.get("down") or keys.get("up")
+            if present is None:
+                adapter.extra_keys.extend(keys.values())  # a lone alpha
+                continue
+            other = f"{module}.lora_{'up' if 'down' in keys else 'down'}.weight"
+            raise missing_partner(path, present, other)
+        down, up = source.lazy(keys["down"]), source.lazy(keys["up"])
+        rank = check_pair(path, module, keys["down"], keys["up"], down, up)
+        # missing alpha means alpha = rank (scale 1), as kohya, A1111 and diffusers read it
+        alpha = source.scalar(keys["alpha"]) if "alpha" in keys else float(rank)
+        magnitude = source.lazy(keys["dora"]) if "dora" in keys else None
+        entry = known.get(module, {})
+        adapter.layers[target] = LoraLayer(
+            target=target, kind=entry.get("kind") or layer_kind(down.shape), A=down, B=up, alpha=alpha,
+            rank=rank, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
+            magnitude=magnitude, bias=source.lazy(keys["bias"]) if "bias" in keys else None,
+            source_key=module, source_name=module)
+    if adapter.other_modules:
+        adapter.format = "lycoris"
+    return adapter
+
+
+def write(adapter: Adapter, out: Path) -> Path:
+    """One .safetensors file in kohya's layout; the scale is stored in `.alpha` (kohya has no rsLoRA)."""
+    adapter.require_lora("writing kohya format")
+    components = {component_of(t) for t in adapter.layers}
+    tensors: dict[str, torch.Tensor] = {}
+    names: dict[str, dict] = {}
+    dtype = torch.float32
+    for layer in adapter.layers.values():
+        name = layer.source_name if (layer.source_name and adapter.format == NAME) else \
+            target_to_kohya(layer.target, components)
+        if name in names:
+            raise LorahubError(f"two modules map to the same kohya name '{name}'", path=adapter.path)
+        names[name] = layer_entry(layer)
+        down, up = layer.A.load().contiguous(), layer.B.load().contiguous()
+        dtype = down.dtype if down.is_floating_point() else dtype
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.lora_up.weight"] = up
+        # kohya's scale is alpha/rank: keep the effective scale, rsLoRA included
+        tensors[f"{name}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
+        if layer.magnitude is not None:
+            tensors[f"{name}.dora_scale"] = layer.magnitude.load().reshape(-1, 1).contiguous() \
+                if layer.kind != "conv" else layer.magnitude.load().reshape(1, -1, 1, 1).contiguous()
+        if layer.bias is not None:
+            tensors[f"{name}.lora_up.bias"] = layer.bias.load().contiguous()
+    if adapter.full_tensors:
+        raise LorahubError("kohya files cannot carry full replacement tensors (modules_to_save: "
+                           f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)
+    metadata = {k: v for k, v in adapter.metadata.items() if k.startswith(("ss_", "modelspec."))}
+    ranks = sorted({layer.rank for layer in adapter.layers.values()})
+    alphas = sorted({layer.scale * layer.rank for layer in adapter.layers.values()})
+    metadata["ss_network_module"] = metadata.get("ss_network_module", "networks.lora")
+    metadata["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
+    metadata["ss_network_alpha"] = _fmt(alphas[0]) if len(alphas) == 1 else "Dynamic"
+    metadata[LAYERS_METADATA] = json.dumps(names, sort_keys=True)
+    if adapter.base_model:
+        metadata["lorahub.base_model"] = adapter.base_model
+    _add_kohya_hashes(tensors, metadata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def layer_entry(layer: LoraLayer) -> dict:
+    return {"target": layer.target, "kind": layer.kind, "fan_in_fan_out": layer.fan_in_fan_out}
+
+
+def read_layers_metadata(metadata: dict[str, str]) -> dict[str, dict]:
+    try:
+        known = json.loads(metadata.get(LAYERS_METADATA, "{}"))
+        return {str(k): dict(v) for k, v in known.items() if isinstance(v, dict) and "target" in v}
+    except (ValueError, TypeError):
+        return {}
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _add_kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Recompute `sshs_*` for the bytes we write, as kohya does (stale hashes mislead A1111/civitai)."""
+    from safetensors.torch import save
+
+    from ..storage import legacy_hash_of_bytes
+    import hashlib
+    import struct
+
+    metadata.pop("sshs_model_hash", None)
+    metadata.pop("sshs_legacy_hash", None)
+    raw = save(tensors, metadata=metadata)
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    metadata["sshs_model_hash"] = hashlib.sha256(raw[8 + header_len:]).hexdigest()
+    metadata["sshs_legacy_hash"] = legacy_hash_of_bytes(raw)

@@ -1,0 +1,227 @@
+"""PEFT adapter directories: adapter_config.json + adapter_model.safetensors (or .bin)."""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..adapter import Adapter, LoraLayer
+from ..errors import LorahubError
+from .common import TensorSource, check_pair, component_of, layer_kind, missing_partner
+
+NAME = "peft"
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+# module names of GPT-2-style Conv1D layers, whose weight is (in, out): PEFT forces fan_in_fan_out
+CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "c_attn_q")
+# config keys whose non-default value means a delta that is not s·B·A; refused rather than misread
+UNSUPPORTED_VARIANTS = {
+    "kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA", "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA", "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA",
+    "arrow_config": "Arrow", "layer_replication": "layer replication", "target_parameters": "target_parameters",
+}
+SUFFIXES = {
+    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias",
+    ".lora_embedding_A": "embA", ".lora_embedding_B": "embB",
+    ".lora_magnitude_vector": "mag", ".lora_magnitude_vector.weight": "mag",
+}
+
+
+def detect(path: Path) -> bool:
+    if path.is_dir():
+        return (path / CONFIG).is_file()
+    return path.is_file() and path.name in WEIGHTS and (path.parent / CONFIG).is_file()
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's get_pattern_key: the first key K (a regex) with `(.*\\.)?(K)$` matching the name wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
+    directory = path if path.is_dir() else path.parent
+    config_path = directory / CONFIG
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LorahubError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path=config_path) from None
+    if not isinstance(config, dict):
+        raise LorahubError("adapter_config.json is not a JSON object", path=config_path)
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if path.is_file():
+        weights = path
+    else:
+        weights = next((directory / name for name in WEIGHTS if (directory / name).is_file()), None)
+        if weights is None:
+            raise LorahubError(f"PEFT directory has {CONFIG} but no {' or '.join(WEIGHTS)}", path=directory)
+    source = TensorSource(weights, allow_pickle=allow_pickle)
+    adapter = Adapter(path=directory, format=NAME, config=config, metadata=source.metadata, files=[weights],
+                      base_model=config.get("base_model_name_or_path"))
+    if peft_type != "LORA":
+        # LoHa / LoKr / IA3 ... : recognised and listed, their math is not implemented
+        algo = peft_type.lower()
+        for key in source.keys():
+            module = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            adapter.other_modules[module.rsplit(".", 2)[0]] = algo
+        adapter.format = "lycoris" if peft_type in ("LOHA", "LOKR") else NAME
+        return adapter
+    for key, label in UNSUPPORTED_VARIANTS.items():
+        value = config.get(key)
+        if value not in (None, False, {}, [], 0) and not (key == "use_qalora" and value is False):
+            adapter.metadata.setdefault("lorahub.unsupported", label)
+
+    component = source.metadata.get("lorahub.component")
+    groups: dict[str, dict[str, str]] = {}
+    for key in source.keys():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix, label in SUFFIXES.items():
+            if name.endswith(suffix):
+                groups.setdefault(name[: -len(suffix)], {})[label] = key
+                break
+        else:
+            # modules_to_save copies and saved embedding layers replace base tensors
+            base_name = name.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
+            if ".lora_" in name:
+                adapter.extra_keys.append(key)
+            else:
+                adapter.full_tensors[_qualify(component, base_name)] = source.lazy(key)
+
+    default_r = int(config.get("r", 8))
+    default_alpha = float(config.get("lora_alpha", default_r))
+    use_rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    for module, keys in groups.items():
+        embedding = "embA" in keys or "embB" in keys
+        down_label, up_label = ("embA", "embB") if embedding else ("A", "B")
+        if down_label not in keys or up_label not in keys:
+            present = keys.get(down_label) or keys.get(up_label) or next(iter(keys.values()))
+            missing = f"{module}.lora_{'embedding_' if embedding else ''}{'B' if down_label in keys else 'A'}"
+            if down_label not in keys and up_label not in keys:
+                raise LorahubError(f"'{present}' has no lora_A/lora_B factors", path=weights)
+            raise missing_partner(weights, present, PREFIX + missing + ("" if embedding else ".weight"))
+        down, up = source.lazy(keys[down_label]), source.lazy(keys[up_label])
+        rank = check_pair(weights, module, keys[down_label], keys[up_label], down, up)
+        config_rank = int(pattern_value(config.get("rank_pattern"), module, default_r))
+        if config_rank != rank:
+            raise LorahubError(f"rank {rank} in the tensors but {config_rank} in {CONFIG} "
+                               f"(r / rank_pattern); PEFT would refuse to load it", path=weights,
+                               key=keys[down_label])
+        alpha = float(pattern_value(config.get("alpha_pattern"), module, default_alpha))
+        leaf = module.rsplit(".", 1)[-1]
+        adapter.layers[_qualify(component, module)] = LoraLayer(
+            target=_qualify(component, module), kind=layer_kind(down.shape, embedding),
+            A=down, B=up, alpha=alpha, rank=rank, use_rslora=use_rslora,
+            fan_in_fan_out=(fan_in_fan_out or leaf in CONV1D_NAMES) and not embedding,
+            magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
+            bias=source.lazy(keys["bias"]) if "bias" in keys else None,
+            source_key=PREFIX + module)
+    return adapter
+
+
+def _qualify(component: str | None, name: str) -> str:
+    return f"{component}.{name}" if component else name
+
+
+def _pattern_key(name: str) -> str:
+    return "^" + re.escape(name) + "$"
+
+
+def write(adapter: Adapter, out: Path) -> Path:
+    """Write a PEFT directory that PEFT itself loads; out is the directory."""
+    components = {component_of(t) for t in list(adapter.layers) + list(adapter.full_tensors)}
+    if len(components) > 1:
+        raise LorahubError(f"a PEFT directory holds one model, this adapter has components "
+                           f"{sorted(c or '(none)' for c in components)}; use --to diffusers or --to kohya",
+                           path=adapter.path)
+    component = next(iter(components)) if components else None
+    strip = (lambda name: name[len(component) + 1:]) if component else (lambda name: name)
+
+    layers = list(adapter.layers.values())
+    if not layers:
+        raise LorahubError("adapter has no LoRA layers to write", path=adapter.path)
+    rslora = {layer.use_rslora for layer in layers}
+    use_rslora = rslora == {True}
+    ranks = Counter(layer.rank for layer in layers)
+    r = ranks.most_common(1)[0][0]
+
+    def alpha_of(layer: LoraLayer) -> float:
+        # one use_rslora flag per file: re-express alpha so each layer keeps its exact scale
+        if layer.use_rslora == use_rslora:
+            return layer.alpha
+        return layer.scale * (layer.rank ** 0.5 if use_rslora else layer.rank)
+
+    alphas = Counter(alpha_of(layer) for layer in layers if layer.rank == r)
+    lora_alpha = alphas.most_common(1)[0][0] if alphas else float(r)
+    rank_pattern, alpha_pattern = {}, {}
+    for layer in layers:
+        name = strip(layer.target)
+        if layer.rank != r:
+            rank_pattern[_pattern_key(name)] = layer.rank
+        if alpha_of(layer) != lora_alpha:
+            alpha_pattern[_pattern_key(name)] = alpha_of(layer)
+
+    config = dict(adapter.config) if adapter.format == NAME else {}
+    config.update({
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": _number(lora_alpha),
+        "use_rslora": use_rslora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {k: _number(v) for k, v in alpha_pattern.items()},
+        # full module names: PEFT matches list entries exactly or as a '.'-suffix
+        "target_modules": sorted(strip(layer.target) for layer in layers),
+        "use_dora": any(layer.is_dora for layer in layers),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
+        "lora_bias": any(layer.bias is not None for layer in layers),
+        "base_model_name_or_path": adapter.base_model,
+    })
+    config.setdefault("bias", "none")
+    config.setdefault("task_type", None)
+    config.setdefault("inference_mode", True)
+    config.setdefault("lora_dropout", 0.0)
+    config.setdefault("init_lora_weights", True)
+    full_modules = sorted({strip(name).rsplit(".", 1)[0] for name in adapter.full_tensors})
+    if full_modules and not config.get("modules_to_save"):
+        config["modules_to_save"] = [m.rsplit(".", 1)[-1] for m in full_modules]
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+        config[key] = None  # target_modules is now an exact list; stale filters would drop layers
+
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        base = PREFIX + strip(layer.target)
+        if layer.kind == "embedding":
+            tensors[base + ".lora_embedding_A"] = layer.A.load().contiguous()
+            tensors[base + ".lora_embedding_B"] = layer.B.load().contiguous()
+        else:
+            tensors[base + ".lora_A.weight"] = layer.A.load().contiguous()
+            tensors[base + ".lora_B.weight"] = layer.B.load().contiguous()
+        if layer.magnitude is not None:
+            tensors[base + ".lora_magnitude_vector"] = layer.magnitude.load().reshape(-1).contiguous()
+        if layer.bias is not None:
+            tensors[base + ".lora_B.bias"] = layer.bias.load().contiguous()
+    embedding_modules = {strip(layer.target) for layer in layers if layer.kind == "embedding"}
+    for name, tensor in adapter.full_tensors.items():
+        module = strip(name).rsplit(".", 1)[0]
+        key = strip(name)
+        if module in embedding_modules:  # PEFT saves a targeted embedding's weight under base_layer
+            key = f"{module}.base_layer.{strip(name).rsplit('.', 1)[1]}"
+        tensors[PREFIX + key] = tensor.load().contiguous()
+    metadata = {"format": "pt"}
+    if component:
+        metadata["lorahub.component"] = component
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out / WEIGHTS[0]), metadata=metadata)
+    return out
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
