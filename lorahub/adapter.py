@@ -226,6 +226,9 @@ class Adapter:
     files: list[Path] = field(default_factory=list)  # weight files the adapter was read from
     # LyCORIS and other non-LoRA modules: target -> algorithm name ("loha", "lokr", ...)
     other_modules: dict[str, str] = field(default_factory=dict)
+    # every target starts with a diffusers component name (`unet.`, `text_encoder.`...). Decided by
+    # the reader from the format, never from names: GPT-2's own modules start with `transformer.`
+    has_components: bool = False
     # extra keys in the file that no layer claims (reported by inspect, kept by writers where possible)
     extra_keys: list[str] = field(default_factory=list)
 

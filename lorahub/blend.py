@@ -17,7 +17,8 @@ function per layer; docs/blend.md has the formulas):
 Every output layer has scale 1 (alpha = rank, use_rslora = False): the combined coefficients are
 folded into the factors, so formats and loaders that disagree on rsLoRA or patterns cannot rescale it.
 A module missing from an adapter contributes zero. Adapters for different bases, different layer
-kinds on one module, DoRA, LyCORIS and full replacement tensors are refused.
+kinds on one module, DoRA and LyCORIS are refused; full replacement tensors (modules_to_save) pass through only when every
+adapter carries the identical tensor (else refused, or left out on request).
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class BlendOptions:
     device: str | None = None  # None: CUDA when available, else CPU
     dtype: str | None = None  # output factor dtype; None: the first adapter's stored dtype
     allow_base_mismatch: bool = False  # base *names* differ (shapes are always checked)
+    drop_full_tensors: bool = False  # leave out modules_to_save copies instead of refusing
 
 
 @dataclass
@@ -92,6 +94,7 @@ class BlendReport:
     device: str
     layers: list[LayerReport] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    dropped_full_tensors: list[str] = field(default_factory=list)
 
     @property
     def written(self) -> list[LayerReport]:
@@ -115,6 +118,7 @@ class BlendReport:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "weights": self.weights, "sources": self.sources,
                 "device": self.device, "options": self.options, "summary": self.summary(),
+                "dropped_full_tensors": self.dropped_full_tensors,
                 "layers": [layer.to_dict() for layer in self.layers]}
 
 
@@ -429,12 +433,6 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_base_mismatch: bool =
                 f"DoRA adapter ({len(dora)} modules with a magnitude vector, e.g. '{dora[0]}'): a DoRA delta "
                 f"is m·(W+sBA)/‖W+sBA‖ − W, which depends on the base and is not additive, so a weighted "
                 f"sum of DoRA adapters is not a DoRA adapter; blend refuses it", path=adapter.path)
-        if adapter.full_tensors:
-            names = sorted(adapter.full_tensors)
-            raise UnsupportedError(
-                f"adapter replaces {len(names)} full tensors (modules_to_save / trained bias, e.g. "
-                f"'{names[0]}'); a replacement cannot be weighted without the base weights, so blend "
-                f"refuses it", path=adapter.path)
         if not adapter.layers:
             raise LorahubError("adapter has no LoRA layers", path=adapter.path)
     if not allow_base_mismatch:
@@ -461,6 +459,37 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_base_mismatch: bool =
                     f"module '{target}' adapts a {list(first.base_shape)} weight in {first_adapter.name} but a "
                     f"{list(layer.base_shape)} weight in {adapter.name}: the adapters are for different base "
                     f"models", path=adapter.path)
+
+
+def shared_full_tensors(adapters: Sequence[Adapter], *, drop: bool = False) -> tuple[dict[str, LazyTensor], list[str]]:
+    """Full replacement tensors (modules_to_save, saved embeddings) the output can carry: (kept, dropped).
+
+    A replacement cannot be weighted without the base weights. Identical copies in every adapter
+    (PEFT saves the unchanged base embedding of a targeted embedding layer) pass through; anything
+    else is refused unless `drop`.
+    """
+    names = sorted({name for adapter in adapters for name in adapter.full_tensors})
+    if not names:
+        return {}, []
+    if drop:
+        return {}, names
+    first = adapters[0]
+    for name in names:
+        holders = [a for a in adapters if name in a.full_tensors]
+        if len(holders) != len(adapters):
+            missing = next(a for a in adapters if name not in a.full_tensors)
+            raise UnsupportedError(
+                f"'{name}' is a full replacement tensor (modules_to_save) in {holders[0].name} but not in "
+                f"{missing.name}; a replacement cannot be weighted without the base weights. Pass "
+                f"--drop-full-tensors to leave it out")
+        reference = first.full_tensors[name].load()
+        for other in adapters[1:]:
+            if not torch.equal(reference, other.full_tensors[name].load()):
+                raise UnsupportedError(
+                    f"'{name}' is a full replacement tensor (modules_to_save) that differs between "
+                    f"{first.name} and {other.name}; replacements cannot be weighted without the base "
+                    f"weights. Pass --drop-full-tensors to leave it out")
+    return {name: first.full_tensors[name] for name in names}, []
 
 
 def _check_options(opts: BlendOptions, n_adapters: int, n_weights: int) -> None:
@@ -541,6 +570,7 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     if not all(math.isfinite(w) for w in weights):
         raise LorahubError(f"weights must be finite numbers, got {weights}")
     check_compatible(adapters, allow_base_mismatch=opts.allow_base_mismatch)
+    full_tensors, dropped_full = shared_full_tensors(adapters, drop=opts.drop_full_tensors)
     device = resolve_device(opts.device)
     out_dtype = _output_dtype(adapters, opts)
     default_rank = max(layer.rank for adapter in adapters for layer in adapter.layers.values())
@@ -552,7 +582,7 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     # dict preserves insertion order; the list above keeps it explicit and cheap for few adapters
     report = BlendReport(method=opts.method, weights=weights,
                          sources=[str(a.path) if a.path else a.name for a in adapters], device=str(device),
-                         options=_options_dict(opts))
+                         options=_options_dict(opts), dropped_full_tensors=dropped_full)
     layers: dict[str, LoraLayer] = {}
     for target in targets:
         present = [(i, a.layers[target]) for i, a in enumerate(adapters) if target in a.layers]
@@ -588,7 +618,7 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     # keep what describes the base; the training metadata of one input does not describe the blend
     metadata = {k: v for k, v in first.metadata.items() if k in BASE_METADATA}
     metadata["lorahub.blend"] = _provenance(report)
-    out = Adapter(path=None, format=to or first.format, layers=layers, full_tensors={},
+    out = Adapter(path=None, format=to or first.format, layers=layers, full_tensors=full_tensors,
                   base_model=first.base_model, config=config, metadata=metadata, files=[])
     return BlendResult(adapter=out, report=report)
 

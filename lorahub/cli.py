@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+import traceback
 
 import click
 
@@ -24,7 +25,7 @@ class LorahubGroup(click.Group):
             return super().invoke(ctx)
         except LorahubError as exc:
             if ctx.obj and ctx.obj.get("debug"):
-                raise
+                traceback.print_exc()
             error_line(str(exc))
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:

@@ -65,8 +65,8 @@ class LowRankSVD:
 
     @property
     def rank_bound(self) -> int:
-        """q: the number of singular triplets held."""
-        return int(self.S.shape[0])
+        """q: the number of singular triplets held (U/Vh may hold fewer vectors, see `_FactoredSVD`)."""
+        return min(int(self.S.shape[0]), int(self.U.shape[1]))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,6 +86,72 @@ def _resolve_device(device, *tensors: Tensor) -> torch.device:
     return torch.device("cpu")
 
 
+class _FactoredSVD:
+    """The exact SVD of up @ down kept in factored form: Householder QRs of both factors + core SVD.
+
+    Only the r×r triangles are formed explicitly; Q_B·X and Q_A·Y are applied with `ormqr`, which is
+    much cheaper than forming Q (LAPACK `orgqr`) and lets callers expand only the singular vectors
+    they keep (`svd(keep)`).
+    """
+
+    def __init__(self, up: Tensor, down: Tensor, compute_dtype: torch.dtype, device) -> None:
+        if up.ndim != 2 or down.ndim != 2:
+            raise ValueError(f"factored_svd wants 2-D factors, got {tuple(up.shape)} and {tuple(down.shape)}")
+        n, r = up.shape
+        r2, k = down.shape
+        if r != r2:
+            raise ValueError(f"inner dimensions differ: up {tuple(up.shape)} @ down {tuple(down.shape)}")
+        dev = _resolve_device(device, up)
+        B = up.to(device=dev, dtype=compute_dtype)
+        A = down.to(device=dev, dtype=compute_dtype)
+        self.n, self.r, self.k = n, r, k
+        self.q = min(r, n, k)
+        self.dtype, self.device = compute_dtype, dev
+        if self.q == 0:
+            self.S = B.new_zeros((0,))
+            self.U_m = B.new_zeros((n, 0))
+            self.Vh_m = B.new_zeros((0, k))
+            self.qr_B = self.qr_A = None
+            return
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise LorahubError("factors contain NaN or Inf; cannot compute their SVD")
+        # QR only where it shrinks the problem (r < n, r < k); otherwise the basis is the identity
+        if r < n:
+            a_B, tau_B = torch.geqrf(B)  # reflectors below the diagonal, R on and above it
+            R_B = torch.triu(a_B[:r])  # r×r
+            self.qr_B = (a_B, tau_B)
+        else:
+            R_B, self.qr_B = B, None  # n×r
+        At = A.T
+        if r < k:
+            a_A, tau_A = torch.geqrf(At.contiguous())
+            R_A = torch.triu(a_A[:r])
+            self.qr_A = (a_A, tau_A)
+        else:
+            R_A, self.qr_A = At, None  # k×r
+        core = R_B @ R_A.T  # p×p' with p = min(n, r), p' = min(k, r)
+        self.U_m, self.S, self.Vh_m = torch.linalg.svd(core, full_matrices=False)
+
+    @staticmethod
+    def _apply_q(qr, X: Tensor, rows: int) -> Tensor:
+        """Q_thin @ X for X (p×m): ormqr with X zero-padded to the full row count."""
+        if qr is None:
+            return X
+        a, tau = qr
+        padded = X.new_zeros((rows, X.shape[1]))
+        padded[: X.shape[0]] = X
+        return torch.ormqr(a, tau, padded, left=True, transpose=False)
+
+    def svd(self, keep: int | None = None) -> LowRankSVD:
+        """U (n×m), S (all q values), Vh (m×k) with m = min(keep, q) singular vectors expanded."""
+        m = self.q if keep is None else max(0, min(int(keep), self.q))
+        if self.q == 0:
+            return LowRankSVD(U=self.U_m, S=self.S, Vh=self.Vh_m)
+        U = self._apply_q(self.qr_B, self.U_m[:, :m], self.n)
+        V = self._apply_q(self.qr_A, self.Vh_m[:m].T, self.k)
+        return LowRankSVD(U=U, S=self.S, Vh=V.T)
+
+
 def factored_svd(up: Tensor, down: Tensor, *, compute_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> LowRankSVD:
     """Exact thin SVD of `up @ down` (up n×r, down r×k) without forming the n×k product.
@@ -93,35 +159,7 @@ def factored_svd(up: Tensor, down: Tensor, *, compute_dtype: torch.dtype = torch
     Returns tensors in `compute_dtype` on `device` (default: `up`'s device), q = min(r, n, k)
     singular triplets, S descending. Works for r > n or r > k, zero factors and r = 0 (q = 0).
     """
-    if up.ndim != 2 or down.ndim != 2:
-        raise ValueError(f"factored_svd wants 2-D factors, got {tuple(up.shape)} and {tuple(down.shape)}")
-    n, r = up.shape
-    r2, k = down.shape
-    if r != r2:
-        raise ValueError(f"inner dimensions differ: up {tuple(up.shape)} @ down {tuple(down.shape)}")
-    dev = _resolve_device(device, up)
-    B = up.to(device=dev, dtype=compute_dtype)
-    A = down.to(device=dev, dtype=compute_dtype)
-    q = min(r, n, k)
-    if q == 0:
-        return LowRankSVD(U=B.new_zeros((n, 0)), S=B.new_zeros((0,)), Vh=B.new_zeros((0, k)))
-    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-        raise LorahubError("factors contain NaN or Inf; cannot compute their SVD")
-    # Thin QR of each factor. When r ≥ n (or r ≥ k) QR of that factor is no cheaper than using it
-    # directly; the identity basis keeps the code path single.
-    if r < n:
-        Q_B, R_B = torch.linalg.qr(B, mode="reduced")  # n×r, r×r
-    else:
-        Q_B, R_B = None, B  # basis = identity (n×n), "R" = B (n×r)
-    if r < k:
-        Q_A, R_A = torch.linalg.qr(A.T, mode="reduced")  # k×r, r×r
-    else:
-        Q_A, R_A = None, A.T  # k×r
-    core = R_B @ R_A.T  # p×p'
-    U_m, S, Vh_m = torch.linalg.svd(core, full_matrices=False)  # p×q, q, q×p'
-    U = U_m if Q_B is None else Q_B @ U_m
-    Vh = Vh_m if Q_A is None else Vh_m @ Q_A.T
-    return LowRankSVD(U=U, S=S, Vh=Vh)
+    return _FactoredSVD(up, down, compute_dtype, device).svd()
 
 
 def stack_terms(terms: list[tuple[float, Tensor, Tensor]], *,

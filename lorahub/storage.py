@@ -75,8 +75,12 @@ def parse_header_bytes(raw: bytes, path: Path | str, file_size: int | None) -> S
                              file_size if file_size is not None else 8 + len(raw) + data_len)
 
 
-def read_header(path: Path | str) -> SafetensorsHeader:
-    """Read a safetensors header: 8 bytes + N bytes, never the tensor data."""
+def read_header(path: Path | str, *, check_size: bool = True) -> SafetensorsHeader:
+    """Read a safetensors header: 8 bytes + N bytes, never the tensor data.
+
+    `check_size=False` accepts a file whose data section is shorter than the header says (a header-only
+    skeleton of a base model, or an interrupted download): the header is all a shape check needs.
+    """
     path = Path(path)
     try:
         file_size = path.stat().st_size
@@ -94,7 +98,7 @@ def read_header(path: Path | str) -> SafetensorsHeader:
         raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
     if raw[:1] != b"{":
         raise LorahubError("not a safetensors file (header does not start with '{')", path=path)
-    return parse_header_bytes(raw, path, file_size)
+    return parse_header_bytes(raw, path, file_size if check_size else None)
 
 
 def is_pickle_path(path: Path) -> bool:

@@ -6,8 +6,9 @@ whole set into one directory.  Nothing here reaches the network; all models are 
 transformers / peft / diffusers are imported lazily (inside functions), so importing this module does
 not import ``huggingface_hub`` before ``fixtures_hub`` has patched it.
 
-All fixtures are **session-scoped**, built once under ``tmp_path_factory`` and return a
-``pathlib.Path``.  Everything is seeded (``torch.manual_seed``) so the files are bit-identical between
+All fixtures are **session-scoped**, built once under ``tmp_path_factory`` (fixture ``models_root``)
+and return a ``pathlib.Path``.  A ``make_*`` call is idempotent: it skips work when the sibling
+marker ``<dir>.built`` exists, so output directories hold only what the peers wrote.  Everything is seeded (``torch.manual_seed``) so the files are bit-identical between
 runs.  LoRA ``B`` factors are random and non-zero (PEFT initialises ``B = 0``, which would make every
 delta zero).
 

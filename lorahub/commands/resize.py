@@ -5,18 +5,11 @@ from pathlib import Path
 
 import click
 
+from ..cliutil import adapter_input_options, open_adapter
 from ..errors import LorahubError
 from ..ui import console, err_console, json_option, print_json, step_progress, table, warn
 
 SAVE_DTYPES = {"keep": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _resolve(arg: str) -> Path:
-    try:
-        from ..hub import resolve_adapter_path
-    except ImportError:
-        return Path(arg)
-    return Path(resolve_adapter_path(arg))
 
 
 def _pct(x: float) -> str:
@@ -47,12 +40,13 @@ def _pct(x: float) -> str:
 @click.option("--save-dtype", type=click.Choice(list(SAVE_DTYPES)), default="keep", show_default=True,
               help="dtype of the new factors (keep = each layer's stored dtype).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-@click.option("--allow-pickle", is_flag=True, help="Allow reading .bin/.pt pickle files (runs code!).")
 @click.option("--all-layers", is_flag=True, help="List every layer in the report (default: at most 40).")
+@adapter_input_options
 @json_option
 def resize(adapter: str, rank: int | None, method: str | None, param: float | None, conv_rank: int | None,
            out: Path, to_format: str | None, split: str, kohya_compat: bool, device: str, use_fp64: bool,
-           save_dtype: str, force: bool, allow_pickle: bool, all_layers: bool, as_json: bool) -> None:
+           save_dtype: str, force: bool, all_layers: bool, input_format: str, allow_pickle: bool,
+           as_json: bool) -> None:
     """Resize (re-rank) ADAPTER: the best rank-R approximation of every layer, exactly.
 
     The SVD of each layer comes from QR of its factors (no dense matrix), so a 7B adapter takes
@@ -67,7 +61,7 @@ def resize(adapter: str, rank: int | None, method: str | None, param: float | No
     """
     import torch
 
-    from ..formats import load_adapter, save_adapter
+    from ..formats import save_adapter
     from ..resize import resize_adapter
 
     method = method or ("fixed" if param is None else None)
@@ -77,8 +71,7 @@ def resize(adapter: str, rank: int | None, method: str | None, param: float | No
         raise LorahubError("--param only applies to --method sv_ratio, sv_fro or sv_cumulative")
     if out.exists() and not force:
         raise LorahubError("output exists (pass --force to overwrite)", path=out)
-    path = _resolve(adapter)
-    source = load_adapter(path, allow_pickle=allow_pickle)
+    source = open_adapter(adapter, input_format, allow_pickle)
     out_dtype = getattr(torch, SAVE_DTYPES[save_dtype]) if SAVE_DTYPES[save_dtype] else None
     try:
         torch_device = torch.device(device)
@@ -98,7 +91,7 @@ def resize(adapter: str, rank: int | None, method: str | None, param: float | No
     written = save_adapter(resized, out, format=fmt)
     summary = report.summary()
     if as_json:
-        payload = {"input": str(path), "output": str(written), "format": fmt, **report.as_dict()}
+        payload = {"input": str(source.path), "output": str(written), "format": fmt, **report.as_dict()}
         print_json(payload)
         return
     rows = []

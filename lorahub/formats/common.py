@@ -161,8 +161,28 @@ def kohya_to_target(name: str) -> str:
     return component + dotted
 
 
-def target_to_kohya(target: str, components: set[str]) -> str:
+COMPONENTS_METADATA = "lorahub.components"
+
+
+def infer_component(target: str) -> str | None:
+    """The diffusers component a bare module path belongs to (PEFT adapters saved on a UNet alone)."""
+    head = target.split(".", 1)[0]
+    if head in ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding",
+                "add_embedding"):
+        return "unet"
+    if head in ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+                "time_text_embed"):
+        return "transformer"
+    if head == "text_model":
+        return "text_encoder"
+    return None
+
+
+def target_to_kohya(target: str, components: set[str], has_components: bool = True) -> str:
+    """kohya module name; `has_components=False` means the target is a bare model path."""
     component, _, rest = target.partition(".")
+    if not has_components:
+        component, rest = (infer_component(target), target) if infer_component(target) else ("", target)
     if component in COMPONENTS and rest:
         if component == "unet":
             prefix = "lora_unet_"

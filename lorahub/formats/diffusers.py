@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from .common import TensorSource, check_pair, layer_kind, missing_partner
+from .common import COMPONENTS, COMPONENTS_METADATA, TensorSource, check_pair, layer_kind, missing_partner
 from .kohya import LAYERS_METADATA, layer_entry, read_layers_metadata
 from .peft import pattern_value
 
@@ -82,6 +82,11 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
             target=module, kind=layer_kind(down.shape, embedding), A=down, B=up, alpha=alpha, rank=rank,
             use_rslora=use_rslora, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)), magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
             bias=source.lazy(keys["bias"]) if "bias" in keys else None, source_key=module)
+    if COMPONENTS_METADATA in metadata:
+        adapter.has_components = metadata[COMPONENTS_METADATA] == "1"
+    else:
+        adapter.has_components = bool(adapter.layers) and all(
+            target.split(".", 1)[0] in COMPONENTS for target in adapter.layers)
     return adapter
 
 
@@ -123,7 +128,7 @@ def write(adapter: Adapter, out: Path) -> Path:
     if adapter.full_tensors:
         raise LorahubError("diffusers LoRA files cannot carry full replacement tensors (modules_to_save: "
                            f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)
-    metadata = {"format": "pt", LAYERS_METADATA: json.dumps(
+    metadata = {"format": "pt", COMPONENTS_METADATA: "1" if adapter.has_components else "0", LAYERS_METADATA: json.dumps(
         {layer.target: layer_entry(layer) for layer in adapter.layers.values() if layer.fan_in_fan_out},
         sort_keys=True)}
     if adapter.base_model:

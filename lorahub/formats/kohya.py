@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from .common import (TensorSource, check_pair, component_of, kohya_to_target, layer_kind, missing_partner,
-                     target_to_kohya)
+from .common import (COMPONENTS_METADATA, KOHYA_PREFIXES, TensorSource, check_pair, component_of,
+                     kohya_split_prefix, kohya_to_target, layer_kind, missing_partner, target_to_kohya)
 
 NAME = "kohya"
 LYCORIS_MARKERS = {
@@ -94,6 +94,11 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
             rank=rank, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
             magnitude=magnitude, bias=source.lazy(keys["bias"]) if "bias" in keys else None,
             source_key=module, source_name=module)
+    if COMPONENTS_METADATA in metadata:
+        adapter.has_components = metadata[COMPONENTS_METADATA] == "1"
+    else:
+        adapter.has_components = bool(groups) and all(
+            kohya_split_prefix(module)[0] in KOHYA_PREFIXES for module in groups)
     if adapter.other_modules:
         adapter.format = "lycoris"
     return adapter
@@ -102,13 +107,13 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
 def write(adapter: Adapter, out: Path) -> Path:
     """One .safetensors file in kohya's layout; the scale is stored in `.alpha` (kohya has no rsLoRA)."""
     adapter.require_lora("writing kohya format")
-    components = {component_of(t) for t in adapter.layers}
+    components = {component_of(t) for t in adapter.layers} if adapter.has_components else set()
     tensors: dict[str, torch.Tensor] = {}
     names: dict[str, dict] = {}
     dtype = torch.float32
     for layer in adapter.layers.values():
         name = layer.source_name if (layer.source_name and adapter.format == NAME) else \
-            target_to_kohya(layer.target, components)
+            target_to_kohya(layer.target, components, adapter.has_components)
         if name in names:
             raise LorahubError(f"two modules map to the same kohya name '{name}'", path=adapter.path)
         names[name] = layer_entry(layer)
@@ -133,6 +138,7 @@ def write(adapter: Adapter, out: Path) -> Path:
     metadata["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
     metadata["ss_network_alpha"] = _fmt(alphas[0]) if len(alphas) == 1 else "Dynamic"
     metadata[LAYERS_METADATA] = json.dumps(names, sort_keys=True)
+    metadata[COMPONENTS_METADATA] = "1" if adapter.has_components else "0"
     if adapter.base_model:
         metadata["lorahub.base_model"] = adapter.base_model
     _add_kohya_hashes(tensors, metadata)

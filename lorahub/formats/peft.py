@@ -79,6 +79,7 @@ def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
             adapter.metadata.setdefault("lorahub.unsupported", label)
 
     component = source.metadata.get("lorahub.component")
+    adapter.has_components = bool(component)
     groups: dict[str, dict[str, str]] = {}
     for key in source.keys():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -136,7 +137,8 @@ def _pattern_key(name: str) -> str:
 
 def write(adapter: Adapter, out: Path) -> Path:
     """Write a PEFT directory that PEFT itself loads; out is the directory."""
-    components = {component_of(t) for t in list(adapter.layers) + list(adapter.full_tensors)}
+    components = {component_of(t) for t in list(adapter.layers) + list(adapter.full_tensors)} \
+        if adapter.has_components else {None}
     if len(components) > 1:
         raise LorahubError(f"a PEFT directory holds one model, this adapter has components "
                            f"{sorted(c or '(none)' for c in components)}; use --to diffusers or --to kohya",

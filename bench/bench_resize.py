@@ -1,0 +1,218 @@
+"""Benchmark: lorahub resize vs the dense full-SVD method (kohya resize_lora.py) on a 7B-shaped adapter.
+
+The adapter is generated: Llama-2-7B shapes (hidden 4096, intermediate 11008, 32 blocks), all seven
+linear projections per block (224 layers), rank 64, random factors with a decaying spectrum
+σᵢ = e^(−i/8) (never zeros: zeros take fast paths). Factors start on the CPU, as after reading a file.
+
+Timed, in one run:
+  1. lorahub, in memory: `resize_adapter(adapter, rank=R)` over all 224 layers (warm-up run first,
+     then the median of --repeats runs).
+  2. lorahub, end to end: read the PEFT adapter from disk, resize, write it (median of --repeats;
+     page cache warm after the first write).
+  3. The dense method kohya uses per layer: W = up @ down, torch.linalg.svd(W, full_matrices=True)
+     (fp32, on --device). On a CPU a full SVD of 11008×4096 takes minutes, so by default only
+     --dense-samples layers of each of the three shapes are timed (one call each, after a small
+     warm-up SVD) and the per-shape mean is scaled to the layer counts; --dense-all times all 224.
+     The output says which.
+Correctness in the same run: for every densely timed layer, max |σ_lorahub − σ_dense| / σ₀ and the
+rank-R reconstruction error of lorahub's factors against the Eckart–Young optimum √(Σ dropped σ²).
+
+    python bench/bench_resize.py                      # CPU
+    python bench/bench_resize.py --device cuda         # GPU (H200: also times the dense method on GPU)
+    python bench/bench_resize.py --dense-samples 0     # lorahub only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lorahub.adapter import Adapter, LazyTensor, LoraLayer  # noqa: E402
+from lorahub.formats import load_adapter, save_adapter  # noqa: E402
+from lorahub.resize import resize_adapter  # noqa: E402
+
+HIDDEN, INTER, BLOCKS = 4096, 11008, 32
+PROJ = {  # name -> (out, in)
+    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER),
+}
+
+
+def make_adapter(rank: int, dtype: torch.dtype, seed: int = 0) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    sigma = torch.exp(-torch.arange(rank, dtype=torch.float32) / 8)
+    layers = {}
+    for block in range(BLOCKS):
+        for proj, (n, k) in PROJ.items():
+            # Gaussian columns / √dim are nearly orthonormal for dim ≫ r: spectrum ≈ c·σ, decaying
+            c = 0.5 + torch.rand((), generator=g).item()
+            up = torch.randn(n, rank, generator=g) * (sigma * c / n ** 0.5)
+            down = torch.randn(rank, k, generator=g) / k ** 0.5
+            target = f"model.layers.{block}.{proj}"
+            layers[target] = LoraLayer(target=target, kind="linear", A=LazyTensor.of(down.to(dtype)),
+                                       B=LazyTensor.of(up.to(dtype)), alpha=2.0 * rank, rank=rank,
+                                       source_key="base_model.model." + target)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "task_type": "CAUSAL_LM",
+              "target_modules": sorted({p.split(".")[1] for p in PROJ})}
+    return Adapter(path=None, format="peft", layers=layers, config=config, base_model="meta-llama/Llama-2-7b-hf")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def dense_svd(layer: LoraLayer, device: torch.device):
+    up, down = layer.factors(device=device, dtype=torch.float32)
+    W = up @ down
+    return torch.linalg.svd(W, full_matrices=True)
+
+
+def fmt_s(x: float) -> str:
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] (lorahub and the dense method)")
+    ap.add_argument("--rank", type=int, default=64, help="adapter rank (default 64)")
+    ap.add_argument("--new-rank", type=int, default=16, help="target rank (default 16)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="stored factor dtype")
+    ap.add_argument("--repeats", type=int, default=5, help="lorahub repetitions (median reported)")
+    ap.add_argument("--dense-samples", type=int, default=1,
+                    help="densely timed layers per shape (0 = skip the dense method)")
+    ap.add_argument("--dense-all", action="store_true", help="time the dense method on all 224 layers")
+    ap.add_argument("--no-io", action="store_true", help="skip the end-to-end (read, resize, write) timing")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    print("== lorahub resize benchmark: Llama-2-7B-shaped all-linear adapter ==")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"cpu_count {os.cpu_count()}, torch threads {torch.get_num_threads()}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    if device.type == "cuda":
+        print(f"device {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
+    _cpu_model()
+    t0 = time.perf_counter()
+    adapter = make_adapter(args.rank, dtype)
+    n_layers = len(adapter.layers)
+    nbytes = sum(layer.A.nbytes + layer.B.nbytes for layer in adapter.layers.values())
+    print(f"adapter: {n_layers} layers, rank {args.rank}, {args.dtype}, {nbytes / 1e6:.0f} MB of factors "
+          f"(generated in {time.perf_counter() - t0:.1f} s, not timed); target rank {args.new_rank}; "
+          f"SVDs in fp32 on {device}")
+
+    # -- lorahub, in memory
+    small = Adapter(path=None, format="peft", layers=dict(list(adapter.layers.items())[:7]))
+    resize_adapter(small, rank=args.new_rank, device=device)  # warm-up (threads, CUDA context, cuSOLVER)
+    times = []
+    for _ in range(max(1, args.repeats)):
+        dt, (resized, report) = timed(lambda: resize_adapter(adapter, rank=args.new_rank, device=device), device)
+        times.append(dt)
+    lh = statistics.median(times)
+    print(f"\nlorahub resize (in memory, {n_layers} layers): median {fmt_s(lh)} "
+          f"(min {fmt_s(min(times))}, max {fmt_s(max(times))}, {len(times)} runs); "
+          f"{lh / n_layers * 1e3:.2f} ms/layer")
+    summary = report.summary()
+    print(f"  mean energy retained {summary['mean_energy_retained']:.4f}, worst {summary['worst_energy_retained']:.4f}")
+
+    # -- lorahub, end to end with files
+    if not args.no_io:
+        with tempfile.TemporaryDirectory(prefix="lorahub-bench-") as tmp:
+            src = Path(tmp) / "src"
+            t = time.perf_counter()
+            save_adapter(adapter, src, format="peft")
+            write_src = time.perf_counter() - t
+            size = sum(p.stat().st_size for p in src.iterdir())
+            e2e = []
+            for i in range(max(1, min(args.repeats, 3))):
+                def run():
+                    loaded = load_adapter(src)
+                    out, _ = resize_adapter(loaded, rank=args.new_rank, device=device)
+                    return save_adapter(out, Path(tmp) / f"out{i}", format="peft")
+                dt, dst = timed(run, device)
+                e2e.append(dt)
+            out_size = sum(p.stat().st_size for p in dst.iterdir())
+            print(f"lorahub end to end (read {size / 1e6:.0f} MB PEFT dir, resize, write {out_size / 1e6:.0f} MB): "
+                  f"median {fmt_s(statistics.median(e2e))} (min {fmt_s(min(e2e))}, max {fmt_s(max(e2e))}, "
+                  f"{len(e2e)} runs; page cache warm; writing the source took {fmt_s(write_src)}, not timed)")
+
+    # -- dense full SVD (kohya's method)
+    if args.dense_samples <= 0 and not args.dense_all:
+        return 0
+    groups: dict[tuple[int, int], list[str]] = {}
+    for target, layer in adapter.layers.items():
+        groups.setdefault((layer.out_features, layer.in_features), []).append(target)
+    # warm-up on a small matrix (LAPACK/cuSOLVER initialisation)
+    torch.linalg.svd(torch.randn(256, 256, device=device), full_matrices=True)
+    sync(device)
+    total_dense = 0.0
+    timed_layers = 0
+    worst_sigma = worst_recon = 0.0
+    print(f"\ndense method (W = up @ down; torch.linalg.svd(W, full_matrices=True), fp32, {device}):")
+    for shape, targets in groups.items():
+        picks = targets if args.dense_all else targets[:args.dense_samples]
+        per = []
+        for target in picks:
+            layer = adapter.layers[target]
+            dt, (U, S, Vh) = timed(lambda: dense_svd(layer, device), device)
+            per.append(dt)
+            # correctness of lorahub against this dense SVD
+            entry = next(e for e in report.layers if e.target == target)
+            from lorahub.lowrank import factored_svd
+            up, down = layer.factors(device=device)
+            ours = factored_svd(up, down, device=device).S
+            q = ours.shape[0]
+            worst_sigma = max(worst_sigma, float((ours - S[:q]).abs().max() / S[0]))
+            new = resized.layers[target]
+            nu, nd = new.factors(device=device)
+            W = up @ down
+            err = float(torch.linalg.matrix_norm(W * layer.scale - (nu @ nd) * new.scale))
+            opt = float(torch.sqrt((S[args.new_rank:] ** 2).sum())) * layer.scale
+            worst_recon = max(worst_recon, abs(err - opt) / max(opt, 1e-30))
+            del U, S, Vh, W
+            assert entry.new_rank == args.new_rank
+        mean = statistics.mean(per)
+        total_dense += mean * len(targets)
+        timed_layers += len(picks)
+        print(f"  {shape[0]}×{shape[1]}: {len(targets)} layers, timed {len(picks)}: mean {fmt_s(mean)}/layer "
+              f"(min {fmt_s(min(per))}, max {fmt_s(max(per))}) → {fmt_s(mean * len(targets))} for the group")
+    how = "measured on all layers" if timed_layers == n_layers else \
+        f"ESTIMATED: {timed_layers} of {n_layers} layers timed, per-shape means scaled to the layer counts"
+    print(f"dense full SVD, whole adapter: {fmt_s(total_dense)} ({how})")
+    print(f"correctness: max |σ_lorahub − σ_dense|/σ₀ = {worst_sigma:.2e}; rank-{args.new_rank} reconstruction "
+          f"error vs Eckart–Young optimum: max relative deviation {worst_recon:.2e}")
+    print(f"\nRATIO dense / lorahub (in memory): {total_dense / lh:,.0f}×")
+    return 0
+
+
+def _cpu_model() -> None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                print("cpu:", line.split(":", 1)[1].strip())
+                return
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,384 @@
+"""Does an adapter fit a base model? Shapes only, from headers: no tensor data is read.
+
+For every adapted module: the target exists in the base; A's input dimension equals the base's (conv:
+in·kh·kw); B's output dimension equals the base's; the orientation is right (GPT-2 Conv1D weights are
+stored (in, out), embeddings (num, dim)); a DoRA magnitude has one entry per output feature; a LoRA
+bias has a base bias to go to. Also: modules the base does not have, full tensors (`modules_to_save`)
+whose shapes differ (resized vocabularies), a base name in the adapter that differs from the base
+given (warning), and an optional serving rank limit (`max_rank`, e.g. vLLM's `--max-lora-rank`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .names import NameMatch, is_conv1d, layer_fits, match_layers, ref_shape
+
+if TYPE_CHECKING:
+    from .adapter import Adapter, LoraLayer
+    from .base import BaseModel
+
+SEVERITIES = ("error", "warning")
+# config keys that name a dimension, for hints ("adapter was trained for hidden size 96")
+_DIM_NAMES = (("hidden_size", "hidden size"), ("n_embd", "hidden size"), ("d_model", "hidden size"),
+              ("intermediate_size", "intermediate size"), ("n_inner", "intermediate size"),
+              ("vocab_size", "vocabulary size"), ("cross_attention_dim", "cross-attention dim"),
+              ("joint_attention_dim", "joint attention dim"))
+
+
+@dataclass
+class Problem:
+    module: str
+    expected: str
+    found: str
+    hint: str = ""
+    severity: str = "error"  # "error" | "warning"
+    kind: str = "shape"  # missing | shape | rank | magnitude | bias | full_tensor | max_rank | empty | other
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ValidationReport:
+    adapter: str
+    base: str
+    ok: bool
+    modules: int  # adapted modules in the adapter (layers + full tensors)
+    matched: int  # modules whose target exists and fits
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)  # registry bases the adapter fits
+    max_rank: int | None = None
+    name_rule: str | None = None
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def summary(self) -> str:
+        if self.ok:
+            text = f"fits: {self.matched}/{self.modules} modules of {self.adapter} match {self.base}"
+        else:
+            bad = len({p.module for p in self.errors})
+            text = f"does not fit: {bad} of {self.modules} modules of {self.adapter} do not match {self.base}"
+        if self.suggestions:
+            text += f" (fits: {', '.join(self.suggestions)})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "summary": self.summary, "adapter": self.adapter, "base": self.base,
+                "modules": self.modules, "matched": self.matched, "max_rank": self.max_rank,
+                "name_rule": self.name_rule,
+                "problems": [p.to_dict() for p in self.problems], "warnings": list(self.warnings),
+                "suggestions": list(self.suggestions)}
+
+
+def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = None,
+             suggest: bool = True) -> ValidationReport:
+    """Check every module of `adapter` against the shapes of `base` (headers only)."""
+    match = match_layers(adapter, base)
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    matched = 0
+
+    for target, layer in adapter.layers.items():
+        if target in match.missing:
+            continue
+        found = _check_layer(target, layer, match, base, max_rank)
+        problems.extend(found)
+        if not any(p.severity == "error" and p.kind != "max_rank" for p in found):
+            matched += 1
+    problems.extend(_missing_problems(match.missing, adapter, base))
+    if match.ambiguous:
+        for target, candidates in sorted(match.ambiguous.items())[:5]:
+            warnings.append(f"{target}: several base modules flatten to the same kohya name "
+                            f"({', '.join(candidates[:3])}); chose {match.refs[target].module}")
+
+    for name, tensor in adapter.full_tensors.items():
+        problem = _check_full_tensor(name, tensor.shape, match, base)
+        if problem is None:
+            matched += 1
+        else:
+            problems.append(problem)
+
+    for target in match.other_missing:
+        problems.append(Problem(target, "a module of that name in the base", "no such module",
+                                "LyCORIS module has no target in the base", kind="missing"))
+    if match.other:
+        algos = sorted(set(adapter.other_modules.values()))
+        warnings.append(f"{len(match.other)} LyCORIS {'/'.join(algos)} modules: targets exist; their shapes "
+                        "are not checked")
+
+    mismatch = _base_name_mismatch(adapter, base)
+    if mismatch:
+        warnings.append(mismatch)
+    if not base.complete:
+        warnings.append("base files hold less tensor data than their headers describe (header-only or "
+                        "partly downloaded): fine for validation, not for merging")
+    if match.rule and match.targets:
+        warnings.append(f"adapter names differ from the base's by a prefix ({match.rule})")
+
+    problems.sort(key=lambda p: (SEVERITIES.index(p.severity), _natural_key(p.module)))
+    ok = not any(p.severity == "error" for p in problems)
+    total = len(adapter.layers) + len(adapter.full_tensors)
+    report = ValidationReport(adapter=adapter.name, base=base.display_name, ok=ok, modules=total,
+                              matched=matched, problems=problems, warnings=warnings, max_rank=max_rank,
+                              name_rule=match.rule)
+    shape_errors = any(p.severity == "error" and p.kind in ("shape", "missing", "full_tensor", "magnitude")
+                       for p in problems)
+    if not ok and shape_errors and suggest:
+        report.suggestions = suggest_bases(adapter, exclude=base.name)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# one layer
+
+
+def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseModel",
+                 max_rank: int | None) -> list[Problem]:
+    ref = match.refs[target]
+    shape = ref_shape(base, ref)
+    problems: list[Problem] = []
+    a_shape, b_shape = tuple(layer.A.shape), tuple(layer.B.shape)
+    factors = f"A {list(a_shape)}, B {list(b_shape)}"
+    if layer.A.numel == 0 or layer.B.numel == 0:
+        problems.append(Problem(target, "non-empty factors", factors,
+                                "empty tensor: was it saved under DeepSpeed ZeRO-3?", kind="empty"))
+        return problems
+    if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1]:
+        problems.append(Problem(target, "A (r, …) and B (…, r) with the same r", factors,
+                                "factors disagree on the rank", kind="rank"))
+        return problems
+    if max_rank is not None and layer.rank > max_rank:
+        problems.append(Problem(target, f"rank ≤ {max_rank}", f"rank {layer.rank}",
+                                f"over the serving limit (--max-rank {max_rank}; vLLM: --max-lora-rank)",
+                                kind="max_rank"))
+    if shape is None or len(shape) < 2:
+        problems.append(Problem(target, "a matrix (2-D or conv) weight", f"base tensor {ref.weight} "
+                                f"{list(shape) if shape else '?'}", "LoRA adapts matrices; this base "
+                                "tensor is a vector", kind="shape"))
+        return problems
+
+    conv1d = is_conv1d(base, ref.weight) if len(shape) == 2 and layer.kind == "linear" else False
+    if not layer_fits(layer, shape, conv1d):
+        # the other orientation fits: the adapter's fan_in_fan_out is simply wrong (PEFT decides by layer type)
+        if layer.kind == "linear" and len(shape) == 2 and layer_fits(layer, shape, not conv1d) and \
+                shape[0] != shape[1]:
+            if conv1d:
+                hint = f"base {ref.weight} is a Conv1D weight stored (in, out); merge transposes ΔW"
+            else:
+                hint = f"base {ref.weight} is stored (out, in) but the adapter says fan_in_fan_out"
+            problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d),
+                                    hint, severity="warning", kind="orientation"))
+        else:
+            problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d),
+                                    _shape_hint(layer, shape, conv1d, base, target), kind="shape"))
+            return problems
+
+    out_features = _out_features(layer, shape, conv1d)
+    if layer.magnitude is not None:
+        mag = tuple(layer.magnitude.shape)
+        if math.prod(mag) != out_features or (mag and max(mag) != out_features):
+            problems.append(Problem(target, f"DoRA magnitude with {out_features} entries ({_mag_layout(layer)})",
+                                    f"magnitude {list(mag)}", "one magnitude per output feature of the base weight",
+                                    kind="magnitude"))
+    if layer.bias is not None:
+        if ref.bias is None:
+            problems.append(Problem(target, "a bias in the base layer", "lora_B.bias",
+                                    "lora_bias=True needs a base layer with a bias", kind="bias"))
+        else:
+            bias_shape = base.shape(ref.bias) or ()
+            n_bias = (ref.rows[1] - ref.rows[0]) if ref.rows else math.prod(bias_shape)
+            if layer.bias.numel != n_bias:
+                problems.append(Problem(target, f"bias [{n_bias}]", f"lora_B.bias {list(layer.bias.shape)}",
+                                        "bias length must equal the output features", kind="bias"))
+    return problems
+
+
+def _out_features(layer: "LoraLayer", shape: tuple[int, ...], conv1d: bool) -> int:
+    if layer.kind == "embedding":
+        return shape[1]
+    if len(shape) == 2 and conv1d:
+        return shape[1]
+    return shape[0]
+
+
+def _mag_layout(layer: "LoraLayer") -> str:
+    return {"conv": "shape (1, out, 1, 1)", "embedding": "embedding dim"}.get(layer.kind, "shape (out,)")
+
+
+def _expected(layer: "LoraLayer", shape: tuple[int, ...], conv1d: bool) -> str:
+    """The factor shapes the base wants, with the base weight's shape."""
+    if layer.kind == "embedding":
+        return f"A [r, {shape[0]}], B [{shape[1]}, r] (W {list(shape)})"
+    if len(shape) == 2:
+        out, inp = (shape[1], shape[0]) if conv1d else shape
+        return f"A [r, {inp}], B [{out}, r] (W {list(shape)}{' Conv1D' if conv1d else ''})"
+    return f"A [r, {', '.join(map(str, shape[1:]))}], B [{shape[0]}, r, 1, 1] (W {list(shape)})"
+
+
+def _found(layer: "LoraLayer", conv1d: bool) -> str:
+    return f"A {list(layer.A.shape)}, B {list(layer.B.shape)}"
+
+
+def _shape_hint(layer: "LoraLayer", shape: tuple[int, ...], conv1d: bool, base: "BaseModel", target: str) -> str:
+    """What the found shape suggests: 'adapter was trained for hidden size 96'."""
+    a_in = list(layer.A.shape[1:])
+    b_out = layer.B.shape[0]
+    if layer.kind == "embedding":
+        want_in, want_out = [shape[0]], shape[1]
+    elif len(shape) == 2:
+        want_out, inp = (shape[1], shape[0]) if conv1d else shape
+        want_in = [inp]
+    else:
+        want_in, want_out = list(shape[1:]), shape[0]
+    named = _dimension_names(base, target)
+    parts = []
+    if a_in != want_in and not (len(a_in) == 1 and len(want_in) > 1 and a_in[0] == want_in[0]):
+        got, want = a_in[0], want_in[0]
+        if len(a_in) > 1 and a_in[0] == want_in[0]:
+            parts.append(f"kernel {a_in[1:]} vs base {want_in[1:]}")
+        elif want in named:
+            parts.append(f"adapter was trained for {named[want]} {got} (base: {want})")
+        else:
+            parts.append(f"A has {got} input features, the base {want}")
+    if b_out != want_out:
+        if want_out in named and not any(named[want_out] in p for p in parts):
+            parts.append(f"adapter was trained for {named[want_out]} {b_out} (base: {want_out})")
+        elif not parts or want_out not in named:
+            parts.append(f"B has {b_out} output features, the base {want_out}")
+    return "; ".join(parts) or "shapes differ"
+
+
+def _dimension_names(base: "BaseModel", target: str) -> dict[int, str]:
+    config = base.component_config(target) or {}
+    if isinstance(config, dict) and "text_config" in config and isinstance(config["text_config"], dict):
+        config = {**config["text_config"], **{k: v for k, v in config.items() if k != "text_config"}}
+    names: dict[int, str] = {}
+    for key, label in _DIM_NAMES:
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and value not in names:
+            names[value] = label
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# modules with no target, full tensors, base names
+
+
+def _missing_problems(missing: list[str], adapter: "Adapter", base: "BaseModel") -> list[Problem]:
+    if not missing:
+        return []
+    from .names import base_index
+
+    index = base_index(base)
+    everything = len(missing) == len(adapter.layers)
+    parents: dict[str, set[str]] = {}
+    for module in index.modules:
+        parent, _, leaf = module.rpartition(".")
+        parents.setdefault(parent, set()).add(leaf)
+    problems = []
+    for target in missing:
+        layer = adapter.layers[target]
+        label = layer.source_name or target
+        parent, _, leaf = target.rpartition(".")
+        siblings = sorted(parents.get(parent, ()))
+        if siblings:
+            hint = f"the base has {', '.join(siblings[:8])} here"
+            if leaf.endswith("qkv_proj") or leaf in ("query_key_value", "c_attn", "Wqkv"):
+                hint = f"packed q/k/v module; {hint} (split or packed attention differs)"
+        elif everything:
+            hint = "no adapter module exists in this base: a different architecture?"
+        else:
+            hint = "no module of that name in the base"
+        problems.append(Problem(label, "a module of that name in the base", "no such module", hint, kind="missing"))
+    return problems
+
+
+def _check_full_tensor(name: str, shape: tuple[int, ...], match: NameMatch, base: "BaseModel") -> Problem | None:
+    target = match.full_tensors.get(name)
+    note = ""
+    if target is None:
+        tied = _tied_embedding(name, base)
+        if tied is None:
+            return Problem(name, "a tensor of that name in the base", f"{list(shape)}",
+                           "modules_to_save / full tensor has no counterpart in the base", kind="full_tensor")
+        target, note = tied, f" (tied to {tied})"
+    base_shape = base.shape(target)
+    if tuple(shape) == tuple(base_shape or ()):
+        return None
+    hint = "full tensors replace the base tensor: shapes must be equal"
+    if base_shape and len(shape) == len(base_shape) == 2 and shape[1] == base_shape[1] and shape[0] != base_shape[0] \
+            and re.search(r"(embed|lm_head|wte|shared|word_embeddings|score)", name):
+        hint = (f"resized vocabulary: adapter has {shape[0]} rows, base {base_shape[0]} "
+                f"(resize the base's token embeddings first)")
+    return Problem(name, f"{list(base_shape or [])}{note}", f"{list(shape)}", hint, kind="full_tensor")
+
+
+def _tied_embedding(name: str, base: "BaseModel") -> str | None:
+    """lm_head.weight of a base with tied embeddings (absent from its files) -> the embedding."""
+    if not name.endswith("lm_head.weight"):
+        return None
+    for candidate in sorted(base.tensors):
+        if candidate.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")):
+            return candidate
+    return None
+
+
+def _normalise_name(name: str) -> str:
+    name = name.rstrip("/").replace("\\", "/")
+    if name.startswith("hf://"):
+        name = name[len("hf://"):]
+    name = name.split("@", 1)[0]
+    return name.rsplit("/", 1)[-1].lower()
+
+
+def _base_name_mismatch(adapter: "Adapter", base: "BaseModel") -> str | None:
+    claimed = adapter.base_model
+    if not claimed:
+        return None
+    known = [n for n in (base.name, base.repo_id, base.source,
+                         *(base.metadata.get("aliases") or [])) if n]
+    if base.root is not None:
+        known.append(str(base.root))
+    if any(_normalise_name(claimed) == _normalise_name(n) for n in known):
+        return None
+    return f"adapter says it was trained on '{claimed}', validating against '{base.display_name}'"
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+# ---------------------------------------------------------------------------------------------
+# registry suggestions
+
+
+def suggest_bases(adapter: "Adapter", exclude: str | None = None, limit: int = 3) -> list[str]:
+    """Registry manifests whose shapes fit every module of the adapter ("fits: llama-2-7b")."""
+    from . import registry
+    from .errors import LorahubError
+
+    components = {t.split(".", 1)[0] for t in adapter.layers} & {
+        "unet", "text_encoder", "text_encoder_2", "transformer"}
+    fits: list[str] = []
+    for ref in registry.list_manifests():
+        if exclude and ref.name == exclude:
+            continue
+        if components and ref.layout not in ("diffusers", "sd-single-file"):
+            continue
+        try:
+            candidate = registry.load_manifest(ref)
+        except LorahubError:
+            continue
+        report = validate(adapter, candidate, suggest=False)
+        if report.ok and report.matched:
+            fits.append(ref.name)
+        if len(fits) >= limit:
+            break
+    return fits
