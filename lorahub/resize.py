@@ -34,7 +34,7 @@ import torch
 
 from .adapter import ST_DTYPES, Adapter, LoraLayer
 from .errors import LorahubError, UnsupportedError
-from .lowrank import METHODS, choose_rank, factored_svd, retention, split_factors
+from .lowrank import METHODS, _FactoredSVD, choose_rank, retention, split_factors
 
 SPLITS = ("balanced", "up")
 
@@ -196,8 +196,8 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
                 progress(1)
             continue
         up, down = layer.factors(device=device, dtype=compute_dtype)
-        svd = factored_svd(up, down, compute_dtype=compute_dtype, device=device)
-        S = svd.S
+        decomposition = _FactoredSVD(up, down, compute_dtype, device)  # S now, vectors on demand
+        S = decomposition.S
         if kohya_compat:
             # kohya clamps against the full spectrum of the dense matrix, length min(n, k)
             full = min(layer.out_features, layer.in_features)
@@ -212,7 +212,7 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
         else:
             new_rank = max(1, chosen)
             # chosen ≤ q = min(r, n, k) (choose_rank never exceeds len(S)), so no zero-padding
-            new_up, new_down = split_factors(svd, new_rank, split)
+            new_up, new_down = split_factors(decomposition.svd(keep=new_rank), new_rank, split)
             dtype = _stored_dtype(layer, out_dtype)
             alpha = _new_alpha(layer, new_rank)
             new_layers[target] = layer.with_factors(new_up.to(device="cpu", dtype=dtype),
@@ -282,6 +282,6 @@ def layer_spectra(adapter: Adapter, *, device: torch.device | str | None = None,
     out: dict[str, torch.Tensor] = {}
     for target, layer in adapter.layers.items():
         up, down = layer.factors(device=device, dtype=compute_dtype)
-        S = factored_svd(up, down, compute_dtype=compute_dtype, device=device).S
+        S = _FactoredSVD(up, down, compute_dtype, device).S
         out[target] = (S * abs(layer.scale)).to(device="cpu", dtype=torch.float32)
     return out

@@ -61,16 +61,19 @@ def validate_command(ctx, adapter, base_spec, revision, max_rank, input_format, 
 
 
 def render(report) -> None:
+    from rich.markup import escape
+
     mark = "[green]✓[/]" if report.ok else "[red]✗[/]"
-    console.print(f"{mark} {report.summary}")
-    if report.problems:
-        rows = [[p.module, p.expected, p.found, p.hint] for p in report.problems[:200]]
-        title = None
-        if any(p.severity == "warning" for p in report.problems):
-            rows = [[("(warning) " if p.severity == "warning" else "") + p.module, p.expected, p.found, p.hint]
-                    for p in report.problems[:200]]
-        console.print(table(title, ["module", "expected", "found", "hint"], rows))
-        if len(report.problems) > 200:
-            console.print(f"… and {len(report.problems) - 200} more (use --json for all)")
+    console.print(f"{mark} {escape(report.summary)}")
+    shown = report.problems[:LIMIT]
+    if shown:
+        rows = [[escape(("(warning) " if p.severity == "warning" else "") + p.module), escape(p.expected),
+                 escape(p.found), escape(p.hint)] for p in shown]
+        console.print(table(None, ["module", "expected", "found", "hint"], rows))
+        if len(report.problems) > LIMIT:
+            console.print(f"… and {len(report.problems) - LIMIT} more (--json lists all)")
     for line in report.warnings:
-        warn(line)
+        warn(escape(line))
+
+
+LIMIT = 200
