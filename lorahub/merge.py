@@ -124,6 +124,9 @@ class Op:
     norm: torch.Tensor | None = None  # undora: the row norms recorded at merge time
     norm_key: str | None = None  # dora: the undo-file key to record the row norms under
     adapter_index: int = 0
+    # replace: the base's storage dtype; a replacement becomes the new weight as the model would hold it
+    # (PEFT loads modules_to_save / saved embeddings into the model's dtype before merging the rest)
+    storage_dtype: torch.dtype | None = None
 
 
 class Workspace:
@@ -253,7 +256,10 @@ def apply_ops(weight: torch.Tensor, ops: Sequence[Op], *, name: str = "",
             _math_view(weight, op.layer).div_((magnitude / norm).unsqueeze(1))
             _add_delta(weight, op.layer, -op.coeff, device, workspace)
         elif op.kind in ("replace", "restore"):
-            value = op.tensor.load().to(device=device, dtype=torch.float32)
+            value = op.tensor.load().to(device=device)
+            if op.storage_dtype is not None:
+                value = value.to(op.storage_dtype)
+            value = value.to(torch.float32)
             if value.numel() != weight.numel():
                 raise LorahubError(f"replacement has shape {list(value.shape)} but the base tensor is "
                                    f"{list(weight.shape)}", key=name)
@@ -446,7 +452,8 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
             _validate(adapter, layout)
         for name, tensor in adapter.full_tensors.items():
             plan = plan_for(name, str(adapter.path))
-            plan.ops.append(Op("replace", item.weight, tensor=tensor, adapter_index=index))
+            storage = ST_DTYPES[plan.file.header.tensors[plan.key].dtype]
+            plan.ops.append(Op("replace", item.weight, tensor=tensor, adapter_index=index, storage_dtype=storage))
             plan.keep_original = True
         targets = _match_targets(adapter, layout)
         for target, layer in adapter.layers.items():

@@ -183,10 +183,10 @@ def test_pull_picks_one_adapter_or_asks(hub_server, hub_env, kohya_unet_file, tm
 def test_push_keeps_user_card_text_and_unknown_keys(hub_server, hub_env, kohya_unet_file):
     repo_id = hub_server.new_repo_id(prefix="kohya")
     hub_server.seed_repo(repo_id, {"README.md": (
-        "---\nlicense: mit\nwidget:\n- text: a cat\ntags:\n- anime\n---\n\n# My style\n\nTrigger word: `sks`.\n\n"
+        "---\nlicense: mit\nbase_model: org/sd15-base\nwidget:\n- text: a cat\ntags:\n- anime\n---\n\n# My style\n\nTrigger word: `sks`.\n\n"
         "<!-- lorahub:start -->\nold generated text\n<!-- lorahub:end -->\n\n## Credits\nme\n")})
     before = _tree(kohya_unet_file)
-    run(hub_env, "push", kohya_unet_file, repo_id, "--base", "org/sd15-base", token=hub_server.alice)
+    run(hub_env, "push", kohya_unet_file, repo_id, token=hub_server.alice)
     assert _tree(kohya_unet_file) == before
     text = Path(hf_hub_download(repo_id, "README.md")).read_text()
     card = ModelCard(text)
