@@ -14,16 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cli_runner import run_cli, run_cli_subprocess
 from lorahub.formats import load_adapter, save_adapter
 
 LORAHUB = [sys.executable, "-m", "lorahub.cli"]
-
-
-def run_cli(*args: str, check: bool | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([*LORAHUB, *map(str, args)], capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def inspect_json(path) -> dict:
@@ -241,7 +235,8 @@ def _lora_file(path: Path, tensors: dict) -> Path:
 
 
 def test_missing_path(tmp_path):
-    _assert_clean_error(run_cli("inspect", tmp_path / "nope"), "nope", "no such file")
+    # the installed console entry point, in a real process
+    _assert_clean_error(run_cli_subprocess("inspect", tmp_path / "nope"), "nope", "no such file")
 
 
 def test_directory_without_adapter(tmp_path):
