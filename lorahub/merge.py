@@ -127,6 +127,7 @@ class Op:
     # replace: the base's storage dtype; a replacement becomes the new weight as the model would hold it
     # (PEFT loads modules_to_save / saved embeddings into the model's dtype before merging the rest)
     storage_dtype: torch.dtype | None = None
+    rows: tuple[int, int] | None = None  # add/bias: the row block of a fused weight (OpenCLIP in_proj)
 
 
 class Workspace:
@@ -229,11 +230,13 @@ def apply_ops(weight: torch.Tensor, ops: Sequence[Op], *, name: str = "",
         original.copy_(weight)
     for index, op in enumerate(ops):
         if op.kind == "add":
-            _check_shape(weight, op.layer, name)
-            _add_delta(weight, op.layer, op.coeff, device, workspace)
+            target = weight[op.rows[0]:op.rows[1]] if op.rows else weight
+            _check_shape(target, op.layer, name)
+            _add_delta(target, op.layer, op.coeff, device, workspace)
         elif op.kind == "bias":
-            bias = op.layer.bias.load().to(device=device, dtype=torch.float32).reshape(weight.shape)
-            weight.add_(bias * (op.coeff * op.layer.scale))
+            target = weight[op.rows[0]:op.rows[1]] if op.rows else weight
+            bias = op.layer.bias.load().to(device=device, dtype=torch.float32).reshape(target.shape)
+            target.add_(bias * (op.coeff * op.layer.scale))
         elif op.kind == "dora":
             _check_shape(weight, op.layer, name)
             magnitude = _magnitude(op.layer, device, name)
@@ -382,61 +385,32 @@ class TensorPlan:
     keep_original: bool = False
 
 
-def _match_targets(adapter: Adapter, layout: BaseLayout) -> dict[str, str]:
-    """layer target -> base weight tensor name."""
-    try:
-        from .names import match_layers  # type: ignore
-    except ImportError:
-        match_layers = None
-    if match_layers is not None and layout.model is not None:
-        match = match_layers(adapter, layout.model)
-        targets = dict(getattr(match, "targets", {}) or {})
-        missing = list(getattr(match, "missing", []) or [])
-        if missing:
-            raise LorahubError(f"{len(missing)} adapter layer(s) have no weight in the base, e.g. "
-                               f"'{missing[0]}'", path=adapter.path)
-        return targets
-    targets = {}
-    for target in adapter.layers:
-        for candidate in (f"{target}.weight", f"{target}.base_layer.weight"):
-            if candidate in layout.tensors:
-                targets[target] = candidate
-                break
-        else:
-            raise LorahubError(f"no base tensor '{target}.weight' for adapter layer '{target}'", path=adapter.path)
-    return targets
+def validate_inputs(layout: BaseLayout, inputs: Sequence[AdapterInput]) -> None:
+    """Refuse, with the validate report, any adapter that does not fit the base."""
+    from .validate import validate
 
-
-def _validate(adapter: Adapter, layout: BaseLayout) -> None:
-    if adapter.metadata.get("lorahub.unsupported"):
-        raise UnsupportedError(f"{adapter.metadata['lorahub.unsupported']} adapters cannot be merged "
-                               "(their delta is not s·B·A)", path=adapter.path)
-    adapter.require_lora("merge")
-    try:
-        from .validate import validate  # type: ignore
-    except ImportError:
-        return
-    if layout.model is None:
-        return
-    report = validate(adapter, layout.model)
-    if not getattr(report, "ok", True):
-        problems = list(getattr(report, "problems", []) or [])
-        first = f": {problems[0]}" if problems else ""
-        raise CheckFailed(f"{adapter.path}: adapter does not fit the base ({len(problems)} problem(s)){first}",
-                          report=report)
-
-
-def _bias_name(weight_name: str) -> str:
-    return (weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name) + ".bias"
+    for item in inputs:
+        adapter = item.adapter
+        if adapter.metadata.get("lorahub.unsupported"):
+            raise UnsupportedError(f"{adapter.metadata['lorahub.unsupported']} adapters cannot be merged "
+                                   "(their delta is not s·B·A)", path=adapter.path)
+        adapter.require_lora("merge")
+        report = validate(adapter, layout.model, suggest=False)
+        if not report.ok:
+            raise CheckFailed(f"{item.name}: {report.summary}; nothing was written", report=report)
 
 
 def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: bool = True) -> list[TensorPlan]:
     """Ops per touched base tensor, in command-line order per tensor (order matters only for DoRA)."""
+    from .names import match_layers
+
+    if check:
+        validate_inputs(layout, inputs)
     plans: dict[str, TensorPlan] = {}
 
-    def plan_for(name: str, who: str) -> TensorPlan:
+    def plan_for(name: str, item: AdapterInput) -> TensorPlan:
         if name not in layout.tensors:
-            raise LorahubError(f"{who}: base has no tensor '{name}'")
+            raise LorahubError(f"base has no tensor '{name}'", path=item.adapter.path)
         if name not in plans:
             bf, key = layout.tensors[name]
             dtype = bf.header.tensors[key].dtype
@@ -448,27 +422,34 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
 
     for index, item in enumerate(inputs):
         adapter = item.adapter
-        if check:
-            _validate(adapter, layout)
-        for name, tensor in adapter.full_tensors.items():
-            plan = plan_for(name, str(adapter.path))
+        match = match_layers(adapter, layout.model)
+        missing = list(match.missing) + list(match.full_missing)
+        if missing:
+            raise LorahubError(f"{len(missing)} adapter module(s) have no weight in the base, e.g. "
+                               f"'{missing[0]}' (run `lorahub validate`)", path=adapter.path)
+        # full tensors first: they replace the weight that the adapter's LoRA layers then apply to
+        for source_name, tensor in adapter.full_tensors.items():
+            plan = plan_for(match.full_tensors[source_name], item)
             storage = ST_DTYPES[plan.file.header.tensors[plan.key].dtype]
             plan.ops.append(Op("replace", item.weight, tensor=tensor, adapter_index=index, storage_dtype=storage))
             plan.keep_original = True
-        targets = _match_targets(adapter, layout)
         for target, layer in adapter.layers.items():
-            if target not in targets:
-                raise LorahubError(f"adapter layer '{target}' has no base tensor", path=adapter.path)
-            name = targets[target]
-            plan = plan_for(name, str(adapter.path))
+            ref = match.refs[target]
+            plan = plan_for(ref.weight, item)
             if layer.is_dora:
+                if ref.rows is not None:
+                    raise UnsupportedError("DoRA on a block of a fused weight is not supported",
+                                           path=adapter.path, key=target)
                 plan.ops.append(Op("dora", item.weight, layer=layer, adapter_index=index,
-                                   norm_key=f"dora_norm::{index}::{name}"))
+                                   norm_key=f"dora_norm::{index}::{ref.weight}"))
             else:
-                plan.ops.append(Op("add", item.weight, layer=layer, adapter_index=index))
+                plan.ops.append(Op("add", item.weight, layer=layer, adapter_index=index, rows=ref.rows))
             if layer.bias is not None:
-                bias = plan_for(_bias_name(name), str(adapter.path))
-                bias.ops.append(Op("bias", item.weight, layer=layer, adapter_index=index))
+                if ref.bias is None:
+                    raise LorahubError(f"adapter layer '{target}' has a LoRA bias but the base module has no "
+                                       "bias", path=adapter.path)
+                bias = plan_for(ref.bias, item)
+                bias.ops.append(Op("bias", item.weight, layer=layer, adapter_index=index, rows=ref.rows))
     return list(plans.values())
 
 
@@ -505,8 +486,10 @@ def _adapter_record(item: AdapterInput) -> dict[str, Any]:
     }
 
 
-def _compact_record(record: dict[str, Any]) -> str:
-    """The safetensors metadata value: what was merged, without per-file detail."""
+def _compact_record(record: dict[str, Any]) -> str | None:
+    """The safetensors metadata value: what was merged, without per-file detail (None: nothing)."""
+    if not record["merges"]:
+        return None
     merges = []
     for entry in record["merges"]:
         merges.append({
@@ -615,7 +598,7 @@ class _FileJob:
 
 
 def _file_jobs(layout: BaseLayout, plans: Sequence[TensorPlan], out_dir: Path, out_dtype: str | None,
-               metadata_value: str) -> list[_FileJob]:
+               metadata_value: str | None) -> list[_FileJob]:
     by_file: dict[Path, dict[str, TensorPlan]] = {}
     for plan in plans:
         by_file.setdefault(plan.file.rel, {})[plan.key] = plan
@@ -630,7 +613,9 @@ def _file_jobs(layout: BaseLayout, plans: Sequence[TensorPlan], out_dir: Path, o
             jobs.append(_FileJob(bf, dest, None, [], header.file_size))
             continue
         metadata = dict(header.metadata)
-        metadata[METADATA_KEY] = metadata_value
+        metadata.pop(METADATA_KEY, None)
+        if metadata_value is not None:
+            metadata[METADATA_KEY] = metadata_value
         ordered = sorted(header.tensors.values(), key=lambda info: (info.begin, info.end))
         entries = []
         if convert:  # new dtypes: a new, contiguous layout in the same tensor order
@@ -1045,7 +1030,7 @@ def _copy_others(layout: BaseLayout, out_dir: Path, record_json: dict[str, Any] 
         for name in sorted(os.listdir(layout.root.parent)):
             if name.startswith(UNDO_PREFIX) and name not in drop:
                 shutil.copyfile(layout.root.parent / name, out_dir / name)
-    if record_json is not None:
+    if record_json is not None and record_json.get("merges"):
         (out_dir / RECORD_FILE).write_text(json.dumps(record_json, indent=2) + "\n")
     return copied
 
@@ -1079,7 +1064,7 @@ def _execute(layout: BaseLayout, plans: list[TensorPlan], out: Path, *, out_dtyp
         undo = None
         if undo_name is not None:
             undo = _prepare_undo(tmp / undo_name, jobs, plans, save_originals,
-                                 {METADATA_KEY: metadata_value, "format": "pt"})
+                                 {METADATA_KEY: metadata_value or "", "format": "pt"})
         in_size = max((j.in_bytes for j in tensor_jobs), default=1)
         out_size = max((j.out_bytes for j in tensor_jobs), default=1)
         slots = 4 if device.type == "cuda" else 3
@@ -1234,7 +1219,7 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
         for op in reversed(plan.ops):
             who = inputs[op.adapter_index].name
             if op.kind in ("add", "bias"):
-                ops.append(Op(op.kind, -op.coeff, layer=op.layer, adapter_index=op.adapter_index))
+                ops.append(Op(op.kind, -op.coeff, layer=op.layer, adapter_index=op.adapter_index, rows=op.rows))
             elif use_originals:
                 continue  # restored below
             elif op.kind == "dora":

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -273,8 +272,10 @@ def test_error_messages(hub_server, hub_env, adapter_repo, peft_lora_dir):
         (("pull", repo_id), {"HF_ENDPOINT": f"http://127.0.0.1:{port}"}, None,
          f"error: cannot reach the Hugging Face Hub at http://127.0.0.1:{port}: [Errno 111] Connection refused"),
     ]
-    for args, env, token, expected in cases:
-        res = run(hub_env, *args, env=env, token=token, ok=False)
+    # independent CLI runs: in parallel (each is mostly interpreter start-up)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda case: run(hub_env, *case[0], env=case[1], token=case[2], ok=False), cases))
+    for (args, _, _, expected), res in zip(cases, results):
         assert error_line(res) == expected, args
 
 
