@@ -128,7 +128,9 @@ def _is_network_error(exc: BaseException) -> bool:
     mod = type(exc).__module__ or ""
     if mod.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "httpcore", "httpcore2"):
         return True
-    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) and not isinstance(exc, FileNotFoundError)
+    import socket
+
+    return isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror))
 
 
 def _status(exc: BaseException) -> int | None:

@@ -23,6 +23,7 @@ per buffer slot from pinned memory. Memory is bounded by a few slots of the larg
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
 
@@ -54,6 +55,8 @@ FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 DTYPE_ALIASES = {"fp32": "F32", "float32": "F32", "f32": "F32", "fp16": "F16", "float16": "F16", "f16": "F16",
                  "half": "F16", "bf16": "BF16", "bfloat16": "BF16", "fp64": "F64", "float64": "F64"}
 _COPY_CHUNK = 1 << 30
+# progress(total_bytes) -> a context manager yielding advance(nbytes), e.g. lorahub.ui.byte_progress
+ProgressFactory = Callable[[int], ContextManager[Callable[[int], None]]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1048,15 +1051,14 @@ def _rewrite_index(src: Path, dest: Path, layout: BaseLayout, out_dir: Path) -> 
 
 def _execute(layout: BaseLayout, plans: list[TensorPlan], out: Path, *, out_dtype: str | None,
              device: torch.device, record: dict[str, Any], save_originals: bool, undo_name: str | None,
-             drop_files: set[str], progress: Callable[[int], None] | None, restore: bool = False,
-             undo_source: Path | None = None, overwrite: bool = False) -> tuple[dict[str, int], float]:
+             drop_files: set[str], progress: ProgressFactory | None, restore: bool = False,
+             undo_source: Path | None = None) -> tuple[dict[str, int], float]:
     """Plan the files, run the pipeline into a temporary directory beside `out`, rename into place."""
     started = time.perf_counter()
     metadata_value = _compact_record(record)
     stats = {"files_rewritten": 0, "files_copied": 0, "bytes_written": 0, "bytes_computed": 0,
              "tensors_copied": 0}
-    advance = progress or (lambda n: None)
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True) as tmp, contextlib.ExitStack() as stack:
         jobs = _file_jobs(layout, plans, tmp, out_dtype, metadata_value)
         tensor_jobs = [item[1] for job in jobs for item in job.items if item[0] == "tensor"]
         if restore:
@@ -1068,6 +1070,8 @@ def _execute(layout: BaseLayout, plans: list[TensorPlan], out: Path, *, out_dtyp
         in_size = max((j.in_bytes for j in tensor_jobs), default=1)
         out_size = max((j.out_bytes for j in tensor_jobs), default=1)
         slots = 4 if device.type == "cuda" else 3
+        total = sum(job.out_size for job in jobs)
+        advance = stack.enter_context(progress(total)) if progress is not None else (lambda n: None)
         pipeline = _Pipeline(device, slots, in_size, out_size, advance)
         pipeline.run(jobs, undo)
         if device.type == "cuda":
@@ -1124,7 +1128,7 @@ def _out_dir(out: Path | str) -> Path:
 
 def merge(base: str | Path, adapters: Sequence[AdapterInput], out: str | Path, *, dtype: str | None = None,
           device: str | torch.device | None = "auto", save_originals: bool = False, overwrite: bool = False,
-          progress: Callable[[int], None] | None = None, check: bool = True) -> MergeResult:
+          progress: ProgressFactory | None = None, check: bool = True) -> MergeResult:
     """Merge `adapters` (each with its weight) into a local base, writing the result to `out`.
 
     `out` is always a directory holding the base's layout (a single-file base becomes `out/<name>`).
@@ -1149,7 +1153,7 @@ def merge(base: str | Path, adapters: Sequence[AdapterInput], out: str | Path, *
     record = {"merges": record["merges"] + [entry]}
     stats, seconds = _execute(layout, plans, out, out_dtype=out_dtype, device=dev, record=record,
                               save_originals=save_originals, undo_name=undo_name, drop_files=set(),
-                              progress=progress, overwrite=overwrite)
+                              progress=progress)
     warnings = [f"not copied: {rel} (weights in a format this merge does not rewrite)" for rel in layout.skipped]
     return MergeResult("merge", out, str(dev), entry["adapters"], len(plans), stats["tensors_copied"],
                        stats["files_rewritten"], stats["files_copied"], stats["bytes_written"],
@@ -1164,7 +1168,7 @@ def _same_adapters(entry: dict[str, Any], inputs: Sequence[AdapterInput], hashes
 
 def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Path, *, dtype: str | None = None,
             device: str | torch.device | None = "auto", overwrite: bool = False,
-            progress: Callable[[int], None] | None = None, check: bool = True,
+            progress: ProgressFactory | None = None, check: bool = True,
             exact: bool | None = None) -> MergeResult:
     """Subtract the adapters' deltas from a merged model (or restore recorded originals exactly).
 
@@ -1256,7 +1260,7 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
         drop = set()
     stats, seconds = _execute(layout, plans, out, out_dtype=out_dtype, device=dev, record=new_record,
                               save_originals=False, undo_name=None, drop_files=drop, progress=progress,
-                              restore=use_originals, undo_source=undo_path, overwrite=overwrite)
+                              restore=use_originals, undo_source=undo_path)
     warnings += [f"not copied: {rel} (weights in a format this unmerge does not rewrite)" for rel in layout.skipped]
     adapters_out = [{"name": item.name, "weight": item.weight, "sha256": digest}
                     for item, digest in zip(inputs, hashes)]

@@ -398,8 +398,25 @@ def _flat_in(dims: tuple[int, ...]) -> int:
 # aliases between diffusers and LDM/SGM (single-file) namings
 
 
+_CLIP_TEXT_HEADS = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+def _clip_text_model_aliases(real: dict[str, ModuleRef]) -> Iterable[tuple[str, ModuleRef]]:
+    """CLIP text encoders with and without `text_model.` (transformers >= 5 drops it from module names;
+    published files and LoRAs keep it), so either naming finds the tensor."""
+    for module, ref in real.items():
+        component, _, rest = module.partition(".")
+        if not component.startswith("text_encoder"):
+            continue
+        if rest.startswith("text_model."):
+            yield f"{component}.{rest[len('text_model.'):]}", ref
+        elif rest.startswith(_CLIP_TEXT_HEADS):
+            yield f"{component}.text_model.{rest}", ref
+
+
 def _aliases(base: "BaseModel", real: dict[str, ModuleRef]) -> Iterable[tuple[str, ModuleRef]]:
     if base.layout == "diffusers":
+        yield from _clip_text_model_aliases(real)
         unet = {m[len("unet."):]: ref for m, ref in real.items() if m.startswith("unet.")}
         if unet:
             layers = _diffusers_layers_per_block(unet, base)

@@ -35,7 +35,7 @@ class Problem:
     found: str
     hint: str = ""
     severity: str = "error"  # "error" | "warning"
-    kind: str = "shape"  # missing | shape | rank | magnitude | bias | full_tensor | max_rank | empty | other
+    kind: str = "shape"  # missing|shape|orientation|rank|magnitude|bias|full_tensor|max_rank|empty
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,19 +166,29 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
 
     conv1d = is_conv1d(base, ref.weight) if len(shape) == 2 and layer.kind == "linear" else False
     if not layer_fits(layer, shape, conv1d):
-        # the other orientation fits: the adapter's fan_in_fan_out is simply wrong (PEFT decides by layer type)
-        if layer.kind == "linear" and len(shape) == 2 and layer_fits(layer, shape, not conv1d) and \
-                shape[0] != shape[1]:
-            if conv1d:
-                hint = f"base {ref.weight} is a Conv1D weight stored (in, out); merge transposes ΔW"
-            else:
-                hint = f"base {ref.weight} is stored (out, in) but the adapter says fan_in_fan_out"
-            problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d),
-                                    hint, severity="warning", kind="orientation"))
+        flipped = layer.kind == "linear" and len(shape) == 2 and shape[0] != shape[1] and \
+            layer_fits(layer, shape, not conv1d)
+        # without a model type, Conv1D is a guess from the name: then the shapes say which layout it is
+        if flipped and not _model_type_known(base, ref.weight):
+            conv1d = not conv1d
         else:
-            problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d),
-                                    _shape_hint(layer, shape, conv1d, base, target), kind="shape"))
+            hint = _shape_hint(layer, shape, conv1d, base, target)
+            if flipped:
+                hint = ("the adapter's factors fit this weight transposed: it was made for a "
+                        + ("Linear (out, in) layer; the base's is a Conv1D (in, out)" if conv1d else
+                           "Conv1D (in, out) layer; the base's is a Linear (out, in)"))
+            problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d), hint,
+                                    kind="shape"))
             return problems
+    if layer.kind == "linear" and len(shape) == 2 and layer.fan_in_fan_out != conv1d:
+        # PEFT decides the orientation by the layer type, not by the flag; merging must too
+        if conv1d:
+            hint = (f"base {ref.weight} is stored (in, out) like GPT-2's Conv1D but the adapter says "
+                    f"fan_in_fan_out=false; merge transposes ΔW")
+        else:
+            hint = f"base {ref.weight} is stored (out, in) but the adapter says fan_in_fan_out=true"
+        problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d), hint,
+                                severity="warning", kind="orientation"))
 
     out_features = _out_features(layer, shape, conv1d)
     if layer.magnitude is not None:
@@ -198,6 +208,11 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
                 problems.append(Problem(target, f"bias [{n_bias}]", f"lora_B.bias {list(layer.bias.shape)}",
                                         "bias length must equal the output features", kind="bias"))
     return problems
+
+
+def _model_type_known(base: "BaseModel", weight: str) -> bool:
+    config = base.component_config(weight)
+    return isinstance(config, dict) and bool(config.get("model_type"))
 
 
 def _out_features(layer: "LoraLayer", shape: tuple[int, ...], conv1d: bool) -> int:
@@ -364,13 +379,9 @@ def suggest_bases(adapter: "Adapter", exclude: str | None = None, limit: int = 3
     from . import registry
     from .errors import LorahubError
 
-    components = {t.split(".", 1)[0] for t in adapter.layers} & {
-        "unet", "text_encoder", "text_encoder_2", "transformer"}
     fits: list[str] = []
     for ref in registry.list_manifests():
         if exclude and ref.name == exclude:
-            continue
-        if components and ref.layout not in ("diffusers", "sd-single-file"):
             continue
         try:
             candidate = registry.load_manifest(ref)

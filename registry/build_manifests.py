@@ -243,11 +243,30 @@ def causal_lm_tensors(config: dict) -> dict[str, tuple[int, ...]]:
 
         state = remove_tied_weights_from_state_dict(state, model)
         state = revert_weight_conversion(model, state)
+        state = _restore_removed_prefixes(model, state)
     except ImportError:  # transformers < 5 saves its state dict as is
         tied = {k for k in getattr(model, "_tied_weights_keys", None) or []}
         if getattr(cfg, "tie_word_embeddings", False):
             state = {k: v for k, v in state.items() if k not in tied}
     return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def _restore_removed_prefixes(model, state: dict) -> dict:
+    """Put back prefixes transformers >= 5 strips on load (CLIPTextModel's `text_model.`).
+
+    `revert_weight_conversion` leaves them out for a model built from a config (it cannot know whether
+    the checkpoint had them); the published checkpoints do have them.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:  # transformers < 5 keeps the prefixes in its module tree
+        return state
+    for conversion in get_model_conversion_mapping(model, add_legacy=False):
+        prefix = getattr(conversion, "prefix_to_remove", None)
+        if isinstance(conversion, PrefixChange) and prefix and not conversion.model_prefix:
+            state = {(k if k.startswith(prefix + ".") else f"{prefix}.{k}"): v for k, v in state.items()}
+    return state
 
 
 def component_tensors(cls_name: str, config: dict) -> dict[str, tuple[int, ...]]:
@@ -261,6 +280,8 @@ def component_tensors(cls_name: str, config: dict) -> dict[str, tuple[int, ...]]
             cfg = transformers.CLIPTextConfig(**{k: v for k, v in config.items()
                                                  if k not in ("architectures", "model_type", "torch_dtype")})
             model = getattr(transformers, cls_name)(cfg)
+            state = _restore_removed_prefixes(model, model.state_dict())
+            return {name: tuple(tensor.shape) for name, tensor in state.items()}
         else:
             import diffusers
 

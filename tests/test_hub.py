@@ -5,12 +5,13 @@ import hashlib
 import json
 import socket
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
+
+from cli_runner import run_cli
 
 ALL_TOKENS = ("hf_test_alice_write", "hf_test_bob_write", "hf_test_alice_read", "hf_bogus_token")
 
@@ -21,8 +22,13 @@ def _tree(path: Path) -> dict[str, tuple[str, int]]:
     return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in files}
 
 
-def run(hub_env, *args, token=None, env=None, ok=True) -> subprocess.CompletedProcess:
-    result = hub_env.run(*args, token=token, env=env)
+def run(hub_env, *args, token=None, env=None, ok=True, isolated=False):
+    """The real CLI: in-process (fast) unless `isolated` or `env` is given; those run a subprocess with
+    hub_env's fresh HF_HOME, since huggingface_hub reads HF_HOME/HF_ENDPOINT/HF_HUB_OFFLINE at import."""
+    if isolated or env:
+        result = hub_env.run(*args, token=token, env=env)
+    else:
+        result = run_cli(*args, env={"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": None})
     for secret in ALL_TOKENS:  # tokens never reach the output
         assert secret not in result.stdout and secret not in result.stderr
     if ok is True:
@@ -102,12 +108,12 @@ def test_push_pull_round_trip(hub_server, hub_env, peft_lora_dir, base_repo, tmp
 
     # pull by repo id: into the HF cache, only the adapter files
     hub_server.reset_stats()
-    pulled = json.loads(run(hub_env, "pull", repo_id, "--json").stdout)
+    pulled = json.loads(run(hub_env, "pull", repo_id, "--json", isolated=True).stdout)
     assert sorted(pulled["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
     assert pulled["commit"] == info.sha and pulled["inspect"]["format"] == "peft"
     assert pulled["inspect"]["rank"] == 8
     local = Path(pulled["path"])
-    assert str(local).startswith(hub_env["HF_HOME"])
+    assert str(local).startswith(hub_env["HF_HOME"])  # the HF cache of that process's HF_HOME
     for name in pulled["files"]:
         assert (local / name).read_bytes() == (peft_lora_dir / name).read_bytes()
     downloaded = {p for (r, p) in hub_server.stats.bytes_served if r == repo_id}
@@ -125,6 +131,9 @@ def test_push_pull_round_trip(hub_server, hub_env, peft_lora_dir, base_repo, tmp
     offline = {"HF_HUB_OFFLINE": "1"}
     again = json.loads(run(hub_env, "pull", repo_id, "--json", "--no-inspect", env=offline).stdout)
     assert again["path"] == pulled["path"] and again["from_cache_only"]
+    res = run(hub_env, "pull", f"{repo_id}@v2", env=offline, ok=False)
+    assert error_line(res) == (f"error: HF_HUB_OFFLINE=1 and '{repo_id}' (revision v2) is not in the local "
+                               f"cache; run the pull once while online")
 
     # a second push with no change only rewrites the card (same summary → no new commit at all)
     run(hub_env, "push", peft_lora_dir, repo_id, "--base", f"hf://{base_repo}", token=hub_server.alice)
@@ -205,20 +214,21 @@ def test_push_to_branch_private_and_stored_token(hub_server, hub_env, peft_lora_
     home.mkdir(parents=True, exist_ok=True)
     (home / "token").write_text(hub_server.alice)
     res = json.loads(run(hub_env, "push", peft_lora_dir, repo_id, "--private", "--revision", "dev",
-                         "--json").stdout)
+                         "--json", isolated=True).stdout)
     assert res["created_repo"] and res["revision"] == "dev"
     api = HfApi(token=hub_server.alice)
     assert api.model_info(repo_id).private
     assert "adapter_model.safetensors" in api.list_repo_files(repo_id, revision="dev")
     assert "adapter_model.safetensors" not in api.list_repo_files(repo_id)
-    pulled = json.loads(run(hub_env, "pull", f"{repo_id}@dev", "--json", "--no-inspect").stdout)
+    pulled = json.loads(run(hub_env, "pull", f"{repo_id}@dev", "--json", "--no-inspect", isolated=True).stdout)
     assert pulled["commit"] == res["commit"]
     # --create-pr opens refs/pr/N
-    res = json.loads(run(hub_env, "push", peft_lora_dir, repo_id, "--create-pr", "-m", "tweak", "--json").stdout)
+    res = json.loads(run(hub_env, "push", peft_lora_dir, repo_id, "--create-pr", "-m", "tweak", "--json",
+                         isolated=True).stdout)
     assert res["pr_url"].endswith("/discussions/1")
     # without the stored token the private repo is invisible
     (home / "token").unlink()
-    res = run(hub_env, "pull", repo_id, ok=False)
+    res = run(hub_env, "pull", repo_id, ok=False, isolated=True)
     assert error_line(res) == (f"error: Hub repository '{repo_id}' not found (if it is private, set HF_TOKEN "
                                f"or run 'hf auth login')")
 
@@ -272,10 +282,8 @@ def test_error_messages(hub_server, hub_env, adapter_repo, peft_lora_dir):
         (("pull", repo_id), {"HF_ENDPOINT": f"http://127.0.0.1:{port}"}, None,
          f"error: cannot reach the Hugging Face Hub at http://127.0.0.1:{port}: [Errno 111] Connection refused"),
     ]
-    # independent CLI runs: in parallel (each is mostly interpreter start-up)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda case: run(hub_env, *case[0], env=case[1], token=case[2], ok=False), cases))
-    for (args, _, _, expected), res in zip(cases, results):
+    for args, env, token, expected in cases:
+        res = run(hub_env, *args, env=env, token=token, ok=False)
         assert error_line(res) == expected, args
 
 

@@ -1,0 +1,152 @@
+"""`lorahub merge` and `lorahub unmerge`."""
+from __future__ import annotations
+
+import click
+
+from ..cliutil import FORMAT_CHOICES
+from ..ui import byte_progress, console, human_bytes, json_option, print_json, warn
+
+_DTYPES = ["auto", "fp32", "fp16", "bf16"]
+
+
+def _common_options(func):
+    func = click.option("--allow-pickle", is_flag=True,
+                        help="Load .bin/.pt adapter pickles (with torch.load(weights_only=True)).")(func)
+    func = click.option("--format", "input_format", type=click.Choice(FORMAT_CHOICES), default="auto",
+                        show_default=True, help="Adapter format (auto-detected from files and keys).")(func)
+    func = click.option("--overwrite", is_flag=True,
+                        help="Replace an existing --out (swapped in only once the new output is complete).")(func)
+    func = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                        help="Where the arithmetic runs (auto: CUDA when available).")(func)
+    func = click.option("--dtype", type=click.Choice(_DTYPES), default="auto", show_default=True,
+                        help="Output dtype of floating-point tensors (auto: keep each tensor's dtype; "
+                             "a change rewrites every file).")(func)
+    func = click.option("--out", "out", required=True, metavar="DIR",
+                        help="Output directory (written beside it first, renamed into place when complete).")(func)
+    return func
+
+
+def _load(args, input_format, allow_pickle):
+    from ..merge import AdapterInput, parse_adapter_arg
+
+    from ..cliutil import open_adapter
+
+    inputs = []
+    for arg in args:
+        spec, weight = parse_adapter_arg(arg)
+        adapter = open_adapter(spec, input_format, allow_pickle)
+        inputs.append(AdapterInput(adapter, 1.0 if weight is None else weight, spec, weight is not None))
+    return inputs
+
+
+def _run(ctx, operation, as_json, call):
+    from ..errors import CheckFailed
+
+    try:
+        result = call(lambda total: byte_progress(f"{operation} → write", total))
+    except CheckFailed as exc:
+        report = exc.report
+        if as_json:
+            print_json({"ok": False, "error": str(exc),
+                        "validation": report.to_dict() if hasattr(report, "to_dict") else None})
+        else:
+            from .validate import render
+
+            if report is not None:
+                render(report)
+            console.print(f"[red]{operation} refused:[/] the adapter does not fit the base; nothing was written")
+        ctx.exit(1)
+    if as_json:
+        payload = result.to_dict()
+        payload["ok"] = True
+        print_json(payload)
+        return
+    for line in result.warnings:
+        warn(line)
+    _summary(result)
+
+
+def _summary(result) -> None:
+    rate = f"{result.gb_per_s:.2f} GB/s" if result.seconds > 0 else "-"
+    what = "merged" if result.operation == "merge" else "unmerged"
+    names = ", ".join(f"{a['name']}:{a['weight']:g}" for a in result.adapters)
+    console.print(f"[green]✓[/] {what} {names} → {result.out}")
+    how = " (exact: recorded originals restored)" if result.exact else ""
+    console.print(f"  tensors changed {result.tensors_changed}{how}, copied unchanged {result.tensors_copied}; "
+                  f"files rewritten {result.files_rewritten}, copied {result.files_copied}")
+    console.print(f"  wrote {human_bytes(result.bytes_written)} in {result.seconds:.2f} s ({rate}) on {result.device}")
+
+
+@click.command("merge")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.option("--base", "base", required=True, metavar="SRC",
+              help="Local base model: a model directory (single file or shards + index), a diffusers "
+                   "pipeline directory, or a single .safetensors checkpoint.")
+@_common_options
+@click.option("--save-originals", is_flag=True,
+              help="Also record the original bytes of every changed tensor, so `lorahub unmerge` restores "
+                   "the base bit for bit (costs the size of the changed tensors).")
+@click.option("--no-validate", "no_validate", is_flag=True, hidden=True)
+@json_option
+@click.pass_context
+def merge_command(ctx, adapters, base, out, dtype, device, overwrite, input_format, allow_pickle, save_originals,
+                  no_validate, as_json):
+    """Merge adapters into a base model, streaming: W' = W + Σ wᵢ·ΔWᵢ.
+
+    Each ADAPTER is a PEFT directory, a kohya/diffusers .safetensors file or hf://owner/name[@rev],
+    optionally followed by :WEIGHT (default 1; negative subtracts). Every adapter is validated against
+    the base first. ΔW is computed in fp32 from the factors, added to the fp32 upcast of W and rounded
+    once. The output keeps the base's layout (files, shards, index, tensor order, dtypes) and its other
+    files; tensors no adapter touches are copied byte for byte. What was merged (names, weights,
+    sha256) is recorded in the safetensors metadata and in lorahub_merge.json; DoRA row norms and
+    replaced tensors go to lorahub_merge_undo.N.safetensors so `lorahub unmerge` can undo them.
+
+    \b
+    Examples:
+      lorahub merge --base ./Llama-3-8B ./my-lora --out ./merged
+      lorahub merge --base ./Llama-3-8B ./style:0.7 ./fix:-0.3 --out ./merged --device cuda
+      lorahub merge --base ./sd15.safetensors ./detail.safetensors:0.8 --out ./sd15-detail
+      lorahub merge --base ./Llama-3-8B hf://alice/llama-lora --out ./merged --save-originals
+    """
+    from ..merge import merge
+
+    inputs = _load(adapters, input_format, allow_pickle)
+    _run(ctx, "merge", as_json, lambda progress: merge(
+        base, inputs, out, dtype=dtype, device=device, save_originals=save_originals, overwrite=overwrite,
+        progress=progress, check=not no_validate))
+
+
+@click.command("unmerge")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.option("--base", "base", required=True, metavar="MERGED",
+              help="The merged model (a directory or .safetensors file written by `lorahub merge`, or any "
+                   "model the adapters were merged into).")
+@_common_options
+@click.option("--exact/--no-exact", default=None,
+              help="--exact: require the originals recorded by `merge --save-originals` and restore them bit "
+                   "for bit (default: use them when present); --no-exact: subtract even if they are there.")
+@click.option("--no-validate", "no_validate", is_flag=True, hidden=True)
+@json_option
+@click.pass_context
+def unmerge_command(ctx, adapters, base, out, dtype, device, overwrite, input_format, allow_pickle, exact,
+                    no_validate, as_json):
+    """Undo a merge: subtract the adapters' deltas, W = W' − Σ wᵢ·ΔWᵢ (fp32, rounded once).
+
+    A weight omitted after an adapter is taken from the merge record (else 1). In bf16, subtraction
+    returns each weight to within one bf16 ulp of max(|W|, |W'|), not bit for bit: merging rounded
+    W + ΔW once. Bit-exact restores need `merge --save-originals`. DoRA layers and replaced tensors
+    (modules_to_save) cannot be undone from the merged weights alone; they are undone from the
+    lorahub_merge_undo file that `lorahub merge` wrote, when the adapters and weights given are the
+    ones of the last recorded merge, and refused otherwise.
+
+    \b
+    Examples:
+      lorahub unmerge --base ./merged ./my-lora --out ./restored
+      lorahub unmerge --base ./merged ./style:0.7 ./fix:-0.3 --out ./restored --exact
+    """
+    from ..merge import unmerge
+
+    inputs = _load(adapters, input_format, allow_pickle)
+    _run(ctx, "unmerge", as_json, lambda progress: unmerge(
+        base, inputs, out, dtype=dtype, device=device, overwrite=overwrite, progress=progress,
+        check=not no_validate, exact=exact))
