@@ -86,6 +86,8 @@ def build_base(root: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> Path:
         size += nbytes
     g = torch.Generator().manual_seed(seed)
     pool = (torch.randn(256 << 20, generator=g) * 0.02).to(torch.bfloat16)
+    pool_bytes = memoryview(pool.view(torch.uint8).numpy())
+    ones = memoryview((pool[: 1 << 20].float() + 1).to(torch.bfloat16).view(torch.uint8).numpy())
     weight_map = {}
     total = 0
     started = time.perf_counter()
@@ -100,18 +102,18 @@ def build_base(root: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> Path:
         with open(root / fname, "wb") as handle:
             handle.write(build_header(entries, {"format": "pt"}))
             for name, _, shape, begin, end in entries:
-                count = (end - begin) // 2
-                if name.endswith("norm.weight"):
-                    data = torch.ones(count, dtype=torch.bfloat16) + pool[:count] * 0  # RMSNorm weights ≈ 1
-                    data += pool[count: 2 * count]
-                else:
-                    start = int(torch.randint(0, pool.numel(), (1,), generator=g))
-                    data = pool.roll(-start)[:count] if count <= pool.numel() else \
-                        pool.repeat(math.ceil(count / pool.numel()))[:count]
-                    if count > pool.numel() - start:
-                        pass
-                handle.write(data.contiguous().view(torch.uint8).numpy().tobytes())
                 total += end - begin
+                if name.endswith("norm.weight"):  # RMSNorm weights ≈ 1
+                    handle.write(ones[: end - begin])
+                    continue
+                # random values from a random offset of the pool, wrapping around
+                position = int(torch.randint(0, pool.numel(), (1,), generator=g)) * 2
+                remaining = end - begin
+                while remaining:
+                    step = min(remaining, len(pool_bytes) - position)
+                    handle.write(pool_bytes[position: position + step])
+                    remaining -= step
+                    position = 0
         print(f"  wrote {fname} ({(root / fname).stat().st_size / 1e9:.2f} GB)", flush=True)
     (root / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
@@ -191,8 +193,6 @@ def check_against(out: Path, reference: Path | None, base: Path, adapter: Path, 
     """Bitwise comparison of sampled tensors with PEFT's output, or with a direct torch merge."""
     import torch
     from safetensors import safe_open
-
-    from lorahub.merge import read_header  # noqa: F401  (same header reader the engine uses)
 
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     last = cfg["layers"] - 1

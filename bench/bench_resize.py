@@ -48,6 +48,13 @@ PROJ = {  # name -> (out, in)
 }
 
 
+def use_tiny_shapes() -> None:
+    """Smoke-test shapes (hidden 512, intermediate 1376, 2 blocks): checks the script, times nothing useful."""
+    global HIDDEN, INTER, BLOCKS, PROJ
+    HIDDEN, INTER, BLOCKS = 512, 1376, 2
+    PROJ = {name: tuple(HIDDEN if d == 4096 else INTER for d in shape) for name, shape in PROJ.items()}
+
+
 def make_adapter(rank: int, dtype: torch.dtype, seed: int = 0) -> Adapter:
     g = torch.Generator().manual_seed(seed)
     sigma = torch.exp(-torch.arange(rank, dtype=torch.float32) / 8)
@@ -101,11 +108,18 @@ def main(argv=None) -> int:
                     help="densely timed layers per shape (0 = skip the dense method)")
     ap.add_argument("--dense-all", action="store_true", help="time the dense method on all 224 layers")
     ap.add_argument("--no-io", action="store_true", help="skip the end-to-end (read, resize, write) timing")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        use_tiny_shapes()
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    print("== lorahub resize benchmark: Llama-2-7B-shaped all-linear adapter ==")
+    print("== lorahub resize benchmark: " + ("TINY smoke-test shapes ==" if args.tiny else
+                                            "Llama-2-7B-shaped all-linear adapter =="))
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"cpu_count {os.cpu_count()}, torch threads {torch.get_num_threads()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")

@@ -548,6 +548,9 @@ def _load_listing(files: _Files, source: str) -> BaseModel:
     if len(shard_files) == 1 and not isinstance(root_plan, str) and config is None:
         return _load_single_file(files, shard_files[0], source=source)
     headers = files.headers(shard_files)
+    if all(_looks_like_adapter(h.tensors) for h in headers.values()):
+        raise LorahubError("this is a LoRA adapter, not a base model (pass the model it was trained on)",
+                           path=files.label)
     tensors = {}
     complete = True
     prefix = _diffusers_model_prefix(config)

@@ -49,16 +49,13 @@ class ManifestRef:
 
 
 def builtin_dir() -> Path:
-    """Where the shipped manifests are: package data when installed, `registry/` in a checkout."""
-    try:
-        from importlib.resources import files
-
-        folder = Path(str(files("lorahub.registry_data")))
-        if folder.is_dir():
-            return folder
-    except (ModuleNotFoundError, TypeError, ValueError):
-        pass
-    return Path(__file__).resolve().parent.parent / "registry"
+    """Where the shipped manifests are: `lorahub/registry_data/` when installed from a wheel (the
+    repository's `registry/` folder, mapped there by pyproject's package-dir), `registry/` in a checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "registry_data"
+    if installed.is_dir():
+        return installed
+    return package.parent / "registry"
 
 
 def user_dir() -> Path:

@@ -166,12 +166,19 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
                    param: float | None = None, conv_rank: int | None = None, kohya_compat: bool = False,
                    split: str = "balanced", device: torch.device | str | None = None,
                    compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None,
-                   progress: Callable[[int], None] | None = None) -> tuple[Adapter, ResizeReport]:
+                   progress: Callable[[int], None] | None = None,
+                   workers: int | None = None) -> tuple[Adapter, ResizeReport]:
     """A resized copy of `adapter` and the per-layer report.
 
     `rank`: the new rank (method "fixed") or the cap (dynamic methods; None = no cap beyond the
     layer's own rank). `conv_rank`: the same for k×k convolutions (default: `rank`). `param`: the
     dynamic rule's parameter (sv_ratio: p ≥ 1; sv_fro, sv_cumulative: 0 < p ≤ 1).
+
+    On the CPU, layers are processed by `workers` threads (default: torch's intra-op thread count)
+    with torch's own intra-op threading set to 1 for the duration (restored afterwards): the
+    per-layer operations are small (QR of n×r, an r×r SVD) and gain little from intra-op threads,
+    while OpenMP's barriers made them 10–100× slower when the CPU was shared with other processes.
+    `workers=0` leaves torch's threading alone and runs the layers one by one.
     """
     _validate_args(rank, method, param, conv_rank, split)
     if param is not None:
@@ -182,19 +189,16 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
     report = ResizeReport(method=method, param=param, rank=rank, conv_rank=conv_cap,
                           kohya_compat=kohya_compat, split=split)
     start = time.perf_counter()
-    new_layers: dict[str, LoraLayer] = {}
-    for target, layer in adapter.layers.items():
+
+    def one(item: tuple[str, LoraLayer]) -> tuple[LoraLayer, LayerResize]:
+        target, layer = item
         cap = conv_cap if is_spatial_conv(layer) else rank
         if method == "fixed" and not kohya_compat and cap >= layer.rank:
             # nothing to truncate: keep the tensors untouched, skip the SVD
-            new_layers[target] = layer
-            report.layers.append(LayerResize(
+            return layer, LayerResize(
                 target=target, kind=layer.kind, kernel=_kernel(layer), old_rank=layer.rank,
                 new_rank=layer.rank, kept=True, zero=False, fro_retained=1.0, energy_retained=1.0,
-                sum_retained=1.0, max_dropped_ratio=0.0, old_alpha=layer.alpha, new_alpha=layer.alpha))
-            if progress:
-                progress(1)
-            continue
+                sum_retained=1.0, max_dropped_ratio=0.0, old_alpha=layer.alpha, new_alpha=layer.alpha)
         up, down = layer.factors(device=device, dtype=compute_dtype)
         decomposition = _FactoredSVD(up, down, compute_dtype, device)  # S now, vectors on demand
         S = decomposition.S
@@ -207,7 +211,7 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
         chosen = choose_rank(S_rule, rank=cap, method=method, param=param, kohya_compat=kohya_compat)
         zero = not bool((S > 0).any())
         if chosen >= layer.rank and not zero:
-            new_layers[target] = layer
+            new_layer = layer
             entry = dict(new_rank=layer.rank, kept=True, new_alpha=layer.alpha, stats=retention(S, layer.rank))
         else:
             new_rank = max(1, chosen)
@@ -215,13 +219,17 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
             new_up, new_down = split_factors(decomposition.svd(keep=new_rank), new_rank, split)
             dtype = _stored_dtype(layer, out_dtype)
             alpha = _new_alpha(layer, new_rank)
-            new_layers[target] = layer.with_factors(new_up.to(device="cpu", dtype=dtype),
-                                                    new_down.to(device="cpu", dtype=dtype), alpha=alpha)
+            new_layer = layer.with_factors(new_up.to(device="cpu", dtype=dtype),
+                                           new_down.to(device="cpu", dtype=dtype), alpha=alpha)
             entry = dict(new_rank=new_rank, kept=False, new_alpha=alpha, stats=retention(S, new_rank))
         stats = entry.pop("stats")
-        report.layers.append(LayerResize(
-            target=target, kind=layer.kind, kernel=_kernel(layer), old_rank=layer.rank, zero=zero,
-            old_alpha=layer.alpha, **entry, **stats))
+        return new_layer, LayerResize(target=target, kind=layer.kind, kernel=_kernel(layer),
+                                      old_rank=layer.rank, zero=zero, old_alpha=layer.alpha, **entry, **stats)
+
+    new_layers: dict[str, LoraLayer] = {}
+    for new_layer, entry in _map_layers(one, list(adapter.layers.items()), device, workers):
+        new_layers[entry.target] = new_layer
+        report.layers.append(entry)
         if progress:
             progress(1)
     report.seconds = time.perf_counter() - start
@@ -233,6 +241,50 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
     report.old_params = adapter.num_params
     report.new_params = out.num_params
     return out, report
+
+
+def _map_layers(fn, items: list, device, workers: int | None):
+    """fn over items in order; on the CPU in a thread pool with single-threaded torch ops."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if workers is None:
+        workers = torch.get_num_threads() if on_cpu else 0
+    if not on_cpu or workers <= 1 or len(items) < 2:
+        if on_cpu and workers == 1:
+            with _torch_threads(1):
+                yield from map(fn, items)
+        else:
+            yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _torch_threads(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorahub-resize") as pool:
+        # bounded look-ahead: at most 2·workers layers in flight (memory stays ~ a few layers)
+        pending = []
+        iterator = iter(items)
+        for item in iterator:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+class _torch_threads:
+    """Temporarily set torch's intra-op thread count."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.saved = None
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        if self.saved != self.n:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None and torch.get_num_threads() != self.saved:
+            torch.set_num_threads(self.saved)
 
 
 def _resized_metadata(adapter: Adapter, report: ResizeReport) -> dict[str, str]:

@@ -264,7 +264,9 @@ def _restore_removed_prefixes(model, state: dict) -> dict:
         return state
     for conversion in get_model_conversion_mapping(model, add_legacy=False):
         prefix = getattr(conversion, "prefix_to_remove", None)
-        if isinstance(conversion, PrefixChange) and prefix and not conversion.model_prefix:
+        # only where the prefix is gone entirely (CLIPTextModelWithProjection keeps `text_model.` itself)
+        if isinstance(conversion, PrefixChange) and prefix and not conversion.model_prefix and \
+                not any(k.startswith(prefix + ".") for k in state):
             state = {(k if k.startswith(prefix + ".") else f"{prefix}.{k}"): v for k, v in state.items()}
     return state
 

@@ -401,6 +401,10 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, str(v))
         self.send_header("Content-Length", str(len(body) if length is None else length))
+        # record before answering: a test reading stats right after the client returns sees this request
+        if not self._recorded:
+            self._recorded = True
+            self.hub.stats.record(self.command, self._kind, self._req_path, status)
         # headers and body in one write (send_response/send_header buffer the headers)
         self._headers_buffer.append(b"\r\n")
         data = b"".join(self._headers_buffer)
@@ -457,6 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
         segs = split.path.split("/")[1:]
         route = self._route(self.command, segs)
         kind = route[0] if route else "unknown"
+        self._kind, self._req_path, self._recorded = kind, split.path, False
         try:
             mode = self.hub._should_fail(kind)
             if mode == "close":
@@ -482,7 +487,9 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self._error(HubError(500, f"server error: {exc.__class__.__name__}: {exc}"))
         finally:
-            self.hub.stats.record(self.command, kind, split.path, self._status)
+            if not self._recorded:  # dropped connection
+                self._recorded = True
+                self.hub.stats.record(self.command, kind, split.path, self._status)
 
     def _route(self, method: str, segs: list[str]):
         u = [unquote(s) for s in segs]
@@ -966,8 +973,8 @@ class _Handler(BaseHTTPRequestHandler):
         total = entry.size
         rng = self.headers.get("Range")
         if self.command == "HEAD":
-            self._send(200, b"", headers, "application/octet-stream", length=total)
             self.hub.stats.served(repo_id, path, 0, rng, 200)
+            self._send(200, b"", headers, "application/octet-stream", length=total)
             return
         status, start, end = 200, 0, total
         if rng:
@@ -990,8 +997,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{max(end - 1, start)}/{total}"
         data = self.st.read_blob(entry, start, end)
-        self._send(status, data, headers, "application/octet-stream")
         self.hub.stats.served(repo_id, path, len(data), rng, status)
+        self._send(status, data, headers, "application/octet-stream")
 
 
 def _file_obj(path: str, e: FileEntry) -> dict:

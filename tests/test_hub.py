@@ -296,3 +296,60 @@ def test_server_failure_is_one_line(hub_server, hub_env, adapter_repo):
         hub_server.heal()
     assert error_line(res) == (f"error: the Hugging Face Hub at {hub_server.url} failed (500): Internal Error "
                                f"(injected); try again later")
+
+
+# ---------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def test_parse_ref_forms():
+    from lorahub.hub import HubRef, parse_ref
+
+    assert parse_ref("hf://alice/lora") == HubRef("alice/lora", None, None)
+    assert parse_ref("alice/lora@v1") == HubRef("alice/lora", "v1", None)
+    assert parse_ref("hf://alice/lora@refs/pr/2/sub/a.safetensors") == HubRef("alice/lora", "refs/pr/2",
+                                                                               "sub/a.safetensors")
+    assert parse_ref("hf://alice/lora@feat%2Fx/a.safetensors") == HubRef("alice/lora", "feat/x", "a.safetensors")
+    assert parse_ref("hf://alice/lora@v1", revision="main").revision == "main"
+    with pytest.raises(Exception, match="not a Hub reference"):
+        parse_ref("hf://alice")
+
+
+def test_choose_adapter_files():
+    from lorahub.errors import LorahubError
+    from lorahub.hub import choose_adapter_files
+
+    peft = ["README.md", ".gitattributes", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]
+    assert choose_adapter_files(peft, repo_id="a/b") == ["adapter_config.json", "adapter_model.safetensors"]
+    # pickle weights only when there is no safetensors
+    assert choose_adapter_files(["adapter_config.json", "adapter_model.bin"], repo_id="a/b")[1] == "adapter_model.bin"
+    # PEFT adapters in sub-folders: several → ask; a folder path picks one
+    nested = ["x/adapter_config.json", "x/adapter_model.safetensors", "y/adapter_config.json",
+              "y/adapter_model.safetensors"]
+    with pytest.raises(LorahubError, match=r"several adapters \(x/ \(PEFT adapter\), y/ \(PEFT adapter\)\)"):
+        choose_adapter_files(nested, repo_id="a/b")
+    assert choose_adapter_files(nested, repo_id="a/b", path="y") == ["y/adapter_config.json",
+                                                                       "y/adapter_model.safetensors"]
+    assert choose_adapter_files(nested, repo_id="a/b", include="x/*")[0] == "x/adapter_config.json"
+    assert choose_adapter_files(nested, repo_id="a/b", prompt=lambda labels: 1)[0] == "y/adapter_config.json"
+    # a full model's weights are not adapter candidates
+    assert choose_adapter_files(["model.safetensors", "lora.safetensors"], repo_id="a/b") == ["lora.safetensors"]
+    with pytest.raises(LorahubError, match="no adapter in Hub repository 'a/b'"):
+        choose_adapter_files(["config.json", "model.safetensors"], repo_id="a/b")
+    with pytest.raises(LorahubError, match="matches --include 'z\\*'"):
+        choose_adapter_files(nested, repo_id="a/b", include="z*")
+
+
+def test_card_rendering_is_stable_and_keeps_text():
+    from lorahub.hub import render_card, split_front_matter
+
+    info = {"format": "peft", "modules": 2, "rank": 4, "rank_distribution": {"4": 2}, "alpha": 8,
+            "alpha_distribution": {"8": 2}, "scale": 2, "scale_distribution": {"2": 2}, "targets": {"q_proj": 2},
+            "trainable_parameters": 10, "dtypes": {"F32": 4}, "files": [], "base_model": "/local/path"}
+    user = "---\nlicense: apache-2.0\nbase_model: /local/path\ntags: [base_model:adapter:/local/path, x]\n---\n\nMine.\n"
+    once = render_card(user, info, repo_id="a/b", base_model="org/base")
+    assert render_card(once, info, repo_id="a/b", base_model="org/base") == once
+    meta, body, _ = split_front_matter(once)
+    assert meta == {"license": "apache-2.0", "base_model": "org/base", "tags": ["x", "lora", "peft",
+                    "base_model:adapter:org/base"], "library_name": "peft", "base_model_relation": "adapter"}
+    assert body.startswith("Mine.\n") and body.count("<!-- lorahub:start -->") == 1

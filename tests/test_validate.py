@@ -556,3 +556,23 @@ def test_validate_against_a_hub_base_reads_headers_only(hub_server, hub_env, tin
     assert sum(n for (r, _), n in served.items() if r == repo_id) < sum(p.stat().st_size for p in shards) / 10
     result = hub_env.run("validate", peft_wide_dir, "--base", f"hf://{repo_id}@main")
     assert result.returncode == 1 and "does not fit" in result.stdout and "hidden size 96" in result.stdout
+
+
+def test_lycoris_modules_are_checked_for_existence(tiny_unet_dir):
+    base = load_base(tiny_unet_dir)
+    adapter = adapter_of()
+    adapter.other_modules = {"unet.down_blocks.0.attentions.0.proj_in": "loha"}
+    report = validate(adapter, base)
+    assert report.ok and any("LyCORIS loha" in w for w in report.warnings)
+    adapter.other_modules["unet.down_blocks.9.attentions.0.proj_in"] = "lokr"
+    report = validate(adapter, base)
+    assert not report.ok and report.errors[0].module == "unet.down_blocks.9.attentions.0.proj_in"
+
+
+def test_adapter_directory_with_a_config_is_not_a_base(peft_lora_dir, tmp_path):
+    fake = tmp_path / "adapter-with-config"
+    fake.mkdir()
+    (fake / "config.json").write_text("{}")
+    (fake / "adapter_model.safetensors").write_bytes((peft_lora_dir / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(Exception, match="LoRA adapter, not a base model"):
+        load_base(fake)
