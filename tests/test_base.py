@@ -3,7 +3,6 @@ registry, and Hub repos (Range requests against the test Hub server)."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
