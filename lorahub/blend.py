@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -63,6 +65,7 @@ class BlendOptions:
     dtype: str | None = None  # output factor dtype; None: the first adapter's stored dtype
     allow_base_mismatch: bool = False  # base *names* differ (shapes are always checked)
     drop_full_tensors: bool = False  # leave out modules_to_save copies instead of refusing
+    workers: int | None = None  # layers processed side by side (None: CPU threads for factored methods)
 
 
 @dataclass
@@ -583,8 +586,7 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     report = BlendReport(method=opts.method, weights=weights,
                          sources=[str(a.path) if a.path else a.name for a in adapters], device=str(device),
                          options=_options_dict(opts), dropped_full_tensors=dropped_full)
-    layers: dict[str, LoraLayer] = {}
-    for target in targets:
+    def one_layer(target: str) -> tuple[LayerReport, LoraLayer | None]:
         present = [(i, a.layers[target]) for i, a in enumerate(adapters) if target in a.layers]
         template = present[0][1]
         terms = []
@@ -595,17 +597,24 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
         ctx = LayerContext(target=target, options=opts, device=device, default_rank=default_rank)
         result = layer_method(terms, ctx)
         rank = 0 if result.up is None else int(result.down.shape[0])
-        report.layers.append(LayerReport(
+        entry = LayerReport(
             target=target, kind=template.kind, shape=(template.out_features, template.in_features),
             sources=[i for i, _ in present], input_ranks=[layer.rank for _, layer in present], rank=rank,
             energy_retained=result.energy_retained, fro_retained=result.fro_retained,
-            rel_error=result.rel_error, note=result.note))
-        if rank:
-            new = template.with_factors(result.up.to(device="cpu", dtype=out_dtype),
-                                        result.down.to(device="cpu", dtype=out_dtype),
-                                        alpha=float(rank), use_rslora=False)
-            bias = None if result.bias is None else LazyTensor.of(result.bias.to(device="cpu", dtype=out_dtype))
-            layers[target] = replace(new, magnitude=None, bias=bias)
+            rel_error=result.rel_error, note=result.note)
+        if not rank:
+            return entry, None
+        new = template.with_factors(result.up.to(device="cpu", dtype=out_dtype),
+                                    result.down.to(device="cpu", dtype=out_dtype),
+                                    alpha=float(rank), use_rslora=False)
+        bias = None if result.bias is None else LazyTensor.of(result.bias.to(device="cpu", dtype=out_dtype))
+        return entry, replace(new, magnitude=None, bias=bias)
+
+    layers: dict[str, LoraLayer] = {}
+    for entry, layer in _map_layers(one_layer, targets, device, opts):
+        report.layers.append(entry)
+        if layer is not None:
+            layers[entry.target] = layer
         if progress is not None:
             progress()
     if not layers:
@@ -621,6 +630,39 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     out = Adapter(path=None, format=to or first.format, layers=layers, full_tensors=full_tensors,
                   base_model=first.base_model, config=config, metadata=metadata, files=[])
     return BlendResult(adapter=out, report=report)
+
+
+def _map_layers(job: Callable[[str], Any], targets: list[str], device: torch.device,
+                opts: BlendOptions) -> Iterator[Any]:
+    """Run `job` over the layers, in order.
+
+    The factored methods on a CPU run layers side by side, one BLAS thread each: their QRs of
+    n×R panels use many threads poorly (16-core CPU: 5.8 vs 13 ms per 7B layer). The element-wise
+    methods (dense n×k matrices, large SVDs) and CUDA run one layer at a time with every thread.
+    """
+    workers = opts.workers
+    if workers is None:
+        workers = torch.get_num_threads() if device.type == "cpu" and opts.method not in ELEMENTWISE else 1
+    workers = max(1, min(int(workers), len(targets)))
+    if workers == 1:
+        for target in targets:
+            yield job(target)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorahub-blend") as pool:
+            # bounded look-ahead keeps at most ~2·workers layers' tensors alive
+            pending: deque = deque()
+            queue = iter(targets)
+            for target in queue:
+                pending.append(pool.submit(job, target))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def interpolate(a: Adapter, b: Adapter, t: float, options: BlendOptions | None = None, **kwargs: Any) -> BlendResult:

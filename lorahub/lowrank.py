@@ -51,6 +51,9 @@ __all__ = [
 
 METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
 
+# cores up to this many elements (e.g. 512×512) are decomposed on the CPU when working on a GPU
+_SMALL_CORE = 512 * 512
+
 # kohya's `MIN_SV`: a spectrum whose first value is at most this is treated as a zero matrix
 _KOHYA_MIN_SV = 1e-6
 
@@ -128,10 +131,14 @@ class _FactoredSVD:
         else:
             R_A, self.qr_A = At, None  # k×r
         core = R_B @ R_A.T  # p×p' with p = min(n, r), p' = min(k, r)
+        if dev.type != "cpu" and core.shape[0] * core.shape[1] <= _SMALL_CORE:
+            # a small SVD is latency-bound on a GPU (ms per call); on the CPU it takes µs
+            core = core.cpu()
         # NaN/Inf in a factor propagates into `core` (checked here: r×r, not the n×r factors)
         if not bool(torch.isfinite(core).all()):
             raise LorahubError("factors contain NaN or Inf; cannot compute their SVD")
-        self.U_m, self.S, self.Vh_m = torch.linalg.svd(core, full_matrices=False)
+        U_m, S, Vh_m = torch.linalg.svd(core, full_matrices=False)
+        self.U_m, self.S, self.Vh_m = U_m.to(dev), S.to(dev), Vh_m.to(dev)
 
     @staticmethod
     def _apply_q(qr, X: Tensor, rows: int) -> Tensor:

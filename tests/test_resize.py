@@ -189,6 +189,10 @@ def test_layer_spectra_and_effective_rank(peft_rslora_dir):
 def test_refuses_dora_and_bad_arguments(tmp_path, peft_dora_dir, peft_lora_dir):
     result = run_cli("resize", peft_dora_dir, "--rank", 2, "--out", tmp_path / "d")
     assert result.exit_code == 1 and "DoRA" in result.output
+    with pytest.raises(LorahubError, match="DoRA"):
+        resize_adapter(load_adapter(peft_dora_dir), rank=2)
+    with pytest.raises(LorahubError, match="needs --param"):
+        resize_adapter(load_adapter(peft_lora_dir), method="sv_fro")
     assert not (tmp_path / "d").exists()
     for args in (["--method", "sv_fro"], ["--param", "0.5"], ["--rank", "0"],
                  ["--method", "sv_fro", "--param", "2"], ["--method", "sv_ratio", "--param", "0.5"]):
