@@ -110,7 +110,7 @@ def build_base(root: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> Path:
                 position = int(torch.randint(0, pool.numel(), (1,), generator=g)) * 2
                 remaining = end - begin
                 while remaining:
-                    step = min(remaining, len(pool_bytes) - position)
+                    step = min(remaining, len(pool_bytes) - position, 256 << 10)  # see lorahub.merge
                     handle.write(pool_bytes[position: position + step])
                     remaining -= step
                     position = 0
@@ -227,8 +227,10 @@ def check_against(out: Path, reference: Path | None, base: Path, adapter: Path, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="/work/bench_merge", type=Path,
-                        help="where the base, adapter and outputs go (default /work/bench_merge)")
+    parser.add_argument("--workdir", default=_default_workdir(), type=Path,
+                        help="where the base, adapter and outputs go (a real disk, not tmpfs; default "
+                             "$LORAHUB_BENCH_DIR, else /work/bench_merge when /work exists, else "
+                             "<tmp>/lorahub_bench_merge)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the 32 layers (default 1 = 7B)")
     for key in ("hidden", "intermediate", "layers", "vocab", "heads", "kv_heads"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
@@ -238,6 +240,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (medians reported)")
     parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--peft-repeat", type=int, default=1,
+                        help="repetitions that also run PEFT (it is the slow baseline; default 1)")
     parser.add_argument("--peft-device", default="cpu")
     parser.add_argument("--keep", action="store_true", help="keep the last merged output")
     parser.add_argument("--peft-worker", nargs=3, metavar=("BASE", "ADAPTER", "OUT"), help=argparse.SUPPRESS)
@@ -272,11 +276,15 @@ def main() -> None:
     env = dict(os.environ, LORAHUB_NO_PROGRESS="1", PYTHONPATH=str(REPO))
     results: dict[str, list[dict]] = {"copy": [], "lorahub": [], "peft": []}
     check = ""
+    checks = []
     for rep in range(args.repeat):
         for kind in ("copy", "lorahub", "peft"):
+            if kind == "peft" and (not run_peft or rep >= args.peft_repeat):
+                continue
             out = work / f"out-{kind}"
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=False)
+            time.sleep(3)  # let the deletes settle (ext4 online discard) before the clock starts
             if kind == "copy":
                 r = timed(["cp", "-r", str(base), str(out)])
             elif kind == "lorahub":
@@ -285,8 +293,6 @@ def main() -> None:
                 if r["rc"] == 0:
                     r["json"] = json.loads(r["stdout"])
             else:
-                if not run_peft:
-                    continue
                 r = timed([sys.executable, str(Path(__file__).resolve()), "--peft-device", args.peft_device,
                            "--peft-worker", str(base), str(adapter), str(out)], env=env)
             if r["rc"] != 0:
@@ -294,14 +300,14 @@ def main() -> None:
             results[kind].append(r)
             print(f"  rep {rep + 1} {kind:8s} {r['wall']:8.2f} s  peak RSS {r['rss'] / 1e9 if r['rss'] else 0:.2f} GB",
                   flush=True)
-        if rep == args.repeat - 1:
-            ok_peft = run_peft and results["peft"] and results["peft"][-1]["rc"] == 0
-            check = check_against(work / "out-lorahub", work / "out-peft" if ok_peft else None, base, adapter, cfg,
-                                  args.alpha, args.rank)
-        for kind in ("copy", "peft"):
+        peft_out = work / "out-peft"
+        ok_peft = peft_out.exists() and results["peft"] and results["peft"][-1]["rc"] == 0
+        if (work / "out-lorahub").exists():
+            checks.append(check_against(work / "out-lorahub", peft_out if ok_peft else None, base, adapter, cfg,
+                                        args.alpha, args.rank))
+        for kind in ("copy", "peft") + (() if args.keep and rep == args.repeat - 1 else ("lorahub",)):
             shutil.rmtree(work / f"out-{kind}", ignore_errors=True)
-        if not (args.keep and rep == args.repeat - 1):
-            shutil.rmtree(work / "out-lorahub", ignore_errors=True)
+    check = " | ".join(dict.fromkeys(checks))
 
     def med(kind: str) -> float | None:
         walls = [r["wall"] for r in results[kind] if r["rc"] == 0]
@@ -323,6 +329,7 @@ def main() -> None:
           f"{cfg['vocab']}, bf16, {model_bytes / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards; "
           f"adapter r{args.rank} alpha {args.alpha:g} on {', '.join(TARGETS)} "
           f"({dir_bytes(adapter) / 1e6:.0f} MB fp32); largest touched tensor {largest / 1e6:.0f} MB")
+    print(f"workdir: {work} on {_filesystem(work)}")
     print(f"device: {summary.get('device', args.device)}; repetitions: {args.repeat} (median, min–max); "
           f"times include `sync`; page cache: warm where the base fits in RAM beside the output")
     print(f"cp -r          {copy_t:8.2f} s  ({spread('copy')})  {model_bytes / copy_t / 1e9:.2f} GB/s")
@@ -330,6 +337,7 @@ def main() -> None:
         print(f"lorahub merge  {merge_t:8.2f} s  ({spread('lorahub')})  {model_bytes / merge_t / 1e9:.2f} GB/s; "
               f"engine {summary.get('seconds', 0):.2f} s, changed {summary.get('tensors_changed')} tensors "
               f"({summary.get('bytes_computed', 0) / 1e9:.2f} GB computed)")
+        print(f"  engine stage busy seconds: {summary.get('stage_seconds')}")
         print(f"  merge / copy = {merge_t / copy_t:.2f}  (target ≤ 2 on CPU, ≤ 1.3 on a GPU host)")
         print(f"  peak RSS {merge_rss / 1e9:.2f} GB  (target < 1.5 GB + largest tensor = "
               f"{(1.5e9 + largest) / 1e9:.2f} GB)")
@@ -343,6 +351,24 @@ def main() -> None:
         print(f"PEFT skipped: the model ({model_bytes / 1e9:.1f} GB) does not fit in available RAM "
               f"({mem_available / 1e9:.1f} GB) with headroom")
     print(f"correctness: {check}")
+
+
+def _default_workdir() -> Path:
+    import tempfile
+
+    if os.environ.get("LORAHUB_BENCH_DIR"):
+        return Path(os.environ["LORAHUB_BENCH_DIR"])
+    if Path("/work").is_dir() and os.access("/work", os.W_OK):
+        return Path("/work/bench_merge")
+    return Path(tempfile.gettempdir()) / "lorahub_bench_merge"
+
+
+def _filesystem(path: Path) -> str:
+    try:
+        out = subprocess.run(["df", "-hT", str(path)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+        return f"{out[0]} ({out[1]}, {out[2]})"
+    except (OSError, IndexError):
+        return "?"
 
 
 def _cpu_model() -> str:

@@ -438,12 +438,6 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_base_mismatch: bool =
                 f"sum of DoRA adapters is not a DoRA adapter; blend refuses it", path=adapter.path)
         if not adapter.layers:
             raise LorahubError("adapter has no LoRA layers", path=adapter.path)
-    if not allow_base_mismatch:
-        named = [(a, _base_key(a.base_model)) for a in adapters if _base_key(a.base_model)]
-        if len({key for _, key in named}) > 1:
-            listing = ", ".join(f"{a.name}: {a.base_model}" for a, _ in named)
-            raise LorahubError(f"adapters are for different base models ({listing}); pass "
-                               f"--allow-base-mismatch if these names are the same weights")
     seen: dict[str, tuple[Adapter, LoraLayer]] = {}
     for adapter in adapters:
         for target, layer in adapter.layers.items():
@@ -462,6 +456,12 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_base_mismatch: bool =
                     f"module '{target}' adapts a {list(first.base_shape)} weight in {first_adapter.name} but a "
                     f"{list(layer.base_shape)} weight in {adapter.name}: the adapters are for different base "
                     f"models", path=adapter.path)
+    if not allow_base_mismatch:
+        named = [(a, _base_key(a.base_model)) for a in adapters if _base_key(a.base_model)]
+        if len({key for _, key in named}) > 1:
+            listing = ", ".join(f"{a.name}: {a.base_model}" for a, _ in named)
+            raise LorahubError(f"adapters are for different base models ({listing}); pass "
+                               f"--allow-base-mismatch if these names are the same weights")
 
 
 def shared_full_tensors(adapters: Sequence[Adapter], *, drop: bool = False) -> tuple[dict[str, LazyTensor], list[str]]:
@@ -579,10 +579,8 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     default_rank = max(layer.rank for adapter in adapters for layer in adapter.layers.values())
     layer_method = LAYER_METHODS[opts.method]
 
-    targets: list[str] = []
-    for adapter in adapters:
-        targets.extend(t for t in adapter.layers if t not in targets)
-    # dict preserves insertion order; the list above keeps it explicit and cheap for few adapters
+    # the union of modules, in first-seen order (the first adapter's order, then new ones)
+    targets = list(dict.fromkeys(t for adapter in adapters for t in adapter.layers))
     report = BlendReport(method=opts.method, weights=weights,
                          sources=[str(a.path) if a.path else a.name for a in adapters], device=str(device),
                          options=_options_dict(opts), dropped_full_tensors=dropped_full)

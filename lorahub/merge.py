@@ -24,6 +24,7 @@ per buffer slot from pinned memory. Memory is bounded by a few slots of the larg
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -717,7 +718,7 @@ class _Slot:
         self.input = torch.empty(max(in_size, 1), dtype=torch.uint8, pin_memory=cuda)
         self.output = torch.empty(max(out_size, 1), dtype=torch.uint8, pin_memory=cuda)
         self.stream = torch.cuda.Stream(device=device) if cuda else None
-        self.event = torch.cuda.Event() if cuda else None
+        self.event = torch.cuda.Event(blocking=True) if cuda else None  # the writer sleeps, not spins
         self.finite = torch.ones(1, dtype=torch.bool, pin_memory=True) if cuda else None
         # CUDA: scratch per slot (per stream); CPU: one scratch shared by the single computing thread
         self.workspace = Workspace(device) if cuda else workspace
@@ -1102,6 +1103,10 @@ def _execute(layout: BaseLayout, plans: list[TensorPlan], out: Path, *, out_dtyp
         out_size = max((j.out_bytes for j in tensor_jobs), default=1)
         slots = 4 if device.type == "cuda" else 3
         total = sum(job.out_size for job in jobs)
+        if device.type == "cuda":
+            _preload_factors(plans, device)
+            stack.enter_context(_exact_fp32_matmul())
+            stack.enter_context(torch.cuda.device(device))
         advance = stack.enter_context(progress(total)) if progress is not None else (lambda n: None)
         pipeline = _Pipeline(device, slots, in_size, out_size, advance)
         pipeline.run(jobs, undo)
@@ -1117,6 +1122,44 @@ def _execute(layout: BaseLayout, plans: list[TensorPlan], out: Path, *, out_dtyp
         stats["tensors_copied"] = sum(len(bf.header.tensors) for bf in layout.files) - \
             sum(1 for j in tensor_jobs if j.plan is not None)
     return stats, time.perf_counter() - started
+
+
+def _preload_factors(plans: Sequence[TensorPlan], device: torch.device) -> None:
+    """CUDA: put every factor on the device once (adapters are small). A per-tensor copy from pageable
+    memory would synchronise the slot's stream in the middle of the pipeline."""
+    cache: dict[int, LoraLayer] = {}
+
+    def on_device(tensor: LazyTensor | None) -> LazyTensor | None:
+        if tensor is None:
+            return None
+        value = tensor.load()
+        if value.is_floating_point():
+            value = value.to(torch.float32)
+        return LazyTensor.of(value.to(device), key=tensor.key)
+
+    for plan in plans:
+        for op in plan.ops:
+            if op.layer is not None:
+                if id(op.layer) not in cache:
+                    layer = op.layer
+                    cache[id(layer)] = dataclasses.replace(layer, A=on_device(layer.A), B=on_device(layer.B),
+                                                           magnitude=on_device(layer.magnitude),
+                                                           bias=on_device(layer.bias))
+                op.layer = cache[id(op.layer)]
+            if op.norm is not None:
+                op.norm = op.norm.to(device=device, dtype=torch.float32)
+    torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul():
+    """No TF32 (or bf16) shortcuts in fp32 GEMMs while merging, whatever the caller configured."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _attach_originals(jobs: list[_TensorJob], undo_source: Path | None) -> None:

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from lorahub.adapter import Adapter, LazyTensor, LoraLayer
-from lorahub.blend import (BlendOptions, blend, check_compatible, factored_fro_norm, interpolate,
+from lorahub.blend import (blend, check_compatible, factored_fro_norm, interpolate,
                            merge_elementwise)
 from lorahub.cli import cli
 from lorahub.errors import LorahubError
@@ -407,6 +407,8 @@ def test_refuses_dora_with_the_reason(lora_a, peft_dora_dir):
 
 def test_refuses_different_bases(lora_a, peft_wide_dir, tmp_path):
     with pytest.raises(LorahubError, match="different base models"):
+        blend([load_adapter(lora_a), load_adapter(peft_wide_dir)], [1, 1])
+    with pytest.raises(LorahubError, match=r"adapts a \[64, 64\] weight .* but a \[96, 96\] weight"):
         blend([load_adapter(lora_a), load_adapter(peft_wide_dir)], [1, 1], allow_base_mismatch=True)
     renamed = load_adapter(lora_a)
     renamed.base_model = "someone/other-model"
@@ -498,3 +500,73 @@ def test_cli_help_has_examples():
         result = runner.invoke(cli, [command, "--help"])
         assert result.exit_code == 0 and "Examples:" in result.output
     assert "cross terms" in runner.invoke(cli, ["blend", "--help"]).output
+
+
+def test_lora_bias_is_combined_as_peft_applies_it(tiny_llama_dir, tmp_path):
+    """lora_bias=True: PEFT adds s·(B(Ax) + b); the blend's module output is Σ wᵢ·(adapter i's)."""
+    paths = [_make_peft_adapter(tmp_path / name, tiny_llama_dir, seed, r=r, lora_alpha=alpha, lora_bias=True,
+                                target_modules=["q_proj", "v_proj"])
+             for name, seed, r, alpha in (("x", 5, 4, 8), ("y", 6, 8, 4))]
+    weights = [0.5, -2.0]
+    out = tmp_path / "mix"
+    ours, _ = _blend_files(paths, weights, out, method="cat")
+    assert all(layer.bias is not None for layer in ours.layers.values())
+    model = _peft_model(tiny_llama_dir, {"x": paths[0], "y": paths[1], "mix": out})
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    for target, module in _lora_modules(model).items():
+        def lora_out(name):
+            return module.scaling[name] * module.lora_B[name](module.lora_A[name](x))
+        expected = sum(w * lora_out(name) for w, name in zip(weights, ("x", "y")))
+        assert module.lora_B["mix"].bias is not None
+        assert torch.allclose(lora_out("mix"), expected, rtol=0, atol=1e-5), target
+
+
+def test_kohya_and_diffusers_inputs_combine(kohya_unet_file, tmp_path):
+    """Modules are matched by base-model names, whatever each input's key format."""
+    diffusers_file = save_adapter(load_adapter(_second_kohya_file(kohya_unet_file, tmp_path / "o.safetensors", 9)),
+                                  tmp_path / "other_diffusers.safetensors", "diffusers")
+    other = load_adapter(diffusers_file)
+    assert other.format == "diffusers"
+    first = load_adapter(kohya_unet_file)
+    assert set(other.layers) == set(first.layers)
+    result = blend([first, other], [0.5, 0.5], method="cat")
+    assert result.adapter.format == "kohya"
+    for target, layer in result.adapter.layers.items():
+        expected = 0.5 * first.layers[target].delta_weight() + 0.5 * other.layers[target].delta_weight()
+        assert _rel(layer.delta_weight(), expected) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# properties on random in-memory adapters
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def _random_adapter(seed: int, rank: int, alpha: float, rslora: bool, targets: list[str], n=12, k=10) -> Adapter:
+    generator = torch.Generator().manual_seed(seed)
+    layers = {t: LoraLayer(target=t, kind="linear", A=LazyTensor.of(torch.randn(rank, k, generator=generator)),
+                           B=LazyTensor.of(torch.randn(n, rank, generator=generator)), alpha=alpha, rank=rank,
+                           use_rslora=rslora) for t in targets}
+    return Adapter(path=None, format="peft", layers=layers)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), ranks=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       weights=st.lists(st.floats(-3, 3, allow_nan=False).filter(lambda w: abs(w) > 1e-3), min_size=3, max_size=3),
+       rslora=st.booleans())
+def test_cat_and_full_rank_svd_are_the_exact_sum(seed, ranks, weights, rslora):
+    adapters = [_random_adapter(seed + i, r, 1.5 * r, rslora and i % 2 == 0, ["m", f"only{i}"])
+                for i, r in enumerate(ranks)]
+    weights = weights[:len(adapters)]
+    exact = {}
+    for adapter, w in zip(adapters, weights):
+        for target, layer in adapter.layers.items():
+            exact[target] = exact.get(target, 0) + w * layer.delta_weight(dtype=torch.float64)
+    cat = blend(adapters, weights, method="cat", workers=1).adapter
+    full = blend(adapters, weights, rank=sum(ranks), workers=1).adapter
+    for result in (cat, full):
+        assert set(result.layers) == set(exact)
+        for target, layer in result.layers.items():
+            assert layer.scale == 1.0
+            assert _rel(layer.delta_weight(dtype=torch.float64), exact[target]) < 2e-6
