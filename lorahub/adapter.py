@@ -226,6 +226,8 @@ class Adapter:
     files: list[Path] = field(default_factory=list)  # weight files the adapter was read from
     # LyCORIS and other non-LoRA modules: target -> algorithm name ("loha", "lokr", ...)
     other_modules: dict[str, str] = field(default_factory=dict)
+    # a PEFT variant whose delta is not s·B·A (KaSA, aLoRA, ...): readable, not mergeable
+    unsupported_variant: str | None = None
     # every target starts with a diffusers component name (`unet.`, `text_encoder.`...). Decided by
     # the reader from the format, never from names: GPT-2's own modules start with `transformer.`
     has_components: bool = False
@@ -256,7 +258,10 @@ class Adapter:
         return self.path.name
 
     def require_lora(self, operation: str) -> None:
-        """Refuse operations that need math lorahub does not have for LyCORIS algorithms."""
+        """Refuse operations that need math lorahub does not have (LyCORIS, exotic PEFT variants)."""
+        if self.unsupported_variant:
+            raise LorahubError(f"{operation} is not supported for {self.unsupported_variant} adapters: their "
+                               f"delta is not s·B·A", path=self.path)
         if self.other_modules:
             algos = sorted(set(self.other_modules.values()))
             raise LorahubError(

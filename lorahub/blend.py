@@ -426,10 +426,6 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_base_mismatch: bool =
     """Refuse inputs whose deltas cannot be added: raise LorahubError naming the file and module."""
     for adapter in adapters:
         adapter.require_lora("blend")
-        unsupported = adapter.metadata.get("lorahub.unsupported")
-        if unsupported:
-            raise UnsupportedError(f"{unsupported} adapters are not plain LoRA (ΔW ≠ s·B·A); blend refuses them",
-                                   path=adapter.path)
         dora = [t for t, layer in adapter.layers.items() if layer.is_dora]
         if dora:
             raise UnsupportedError(

@@ -102,7 +102,7 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
             for layer in layers
         ],
     }
-    unsupported = adapter.metadata.get("lorahub.unsupported") if adapter.format == "peft" else None
+    unsupported = adapter.unsupported_variant
     if unsupported:
         info["warnings"] = [f"PEFT variant {unsupported}: its delta is not s·B·A; merge/resize/blend refuse it"]
     for file in adapter.files:

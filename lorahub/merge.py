@@ -99,6 +99,17 @@ def parse_adapter_arg(arg: str) -> tuple[str, float | None]:
     return arg, None
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _cached_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
+
+
 def adapter_fingerprint(adapter: Adapter) -> dict[str, str]:
     """sha256 of each file the adapter's math comes from (weights and, for PEFT, its config)."""
     files: list[Path] = [Path(f) for f in adapter.files]
@@ -106,7 +117,7 @@ def adapter_fingerprint(adapter: Adapter) -> dict[str, str]:
         config = Path(adapter.path) / "adapter_config.json"
         if config.is_file():
             files.append(config)
-    return {f.name: file_sha256(f) for f in files if f.is_file()}
+    return {f.name: _cached_sha256(f) for f in files if f.is_file()}
 
 
 def _combined_hash(hashes: dict[str, str]) -> str:
@@ -1275,6 +1286,11 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
         inputs.append(item)
     matches_last = last is not None and last.get("operation", "merge") == "merge" and \
         _same_adapters(last, inputs, hashes)
+    if matches_last:
+        # undo in the recorded order (LIFO per tensor matters for DoRA; the norm keys use merge positions)
+        recorded = [(a["sha256"], float(a["weight"])) for a in last["adapters"]]
+        order = sorted(range(len(inputs)), key=lambda i: recorded.index((hashes[i], float(inputs[i].weight))))
+        inputs, hashes = [inputs[i] for i in order], [hashes[i] for i in order]
     undo_path = None
     if matches_last and last.get("undo_file"):
         undo_path = layout.root / last["undo_file"] if layout.root.is_dir() else \

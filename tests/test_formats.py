@@ -349,3 +349,19 @@ def test_inputs_are_never_modified(tmp_path, peft_lora_dir):
     run_cli("convert", peft_lora_dir, "--to", "kohya", "--out", tmp_path / "k.safetensors", check=True)
     after = {p.name: p.read_bytes() for p in peft_lora_dir.iterdir() if p.is_file()}
     assert before == after
+
+
+def test_peft_variant_with_other_math_is_flagged_and_refused(tmp_path, peft_lora_dir):
+    copy = tmp_path / "kasa"
+    copy.mkdir()
+    config = json.loads((peft_lora_dir / "adapter_config.json").read_text())
+    config["kasa_config"] = {"r": 4}
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    (copy / "adapter_model.safetensors").write_bytes((peft_lora_dir / "adapter_model.safetensors").read_bytes())
+    info = inspect_json(copy)
+    assert any("KaSA" in w for w in info["warnings"])
+    for args in (("convert", copy, "--to", "kohya", "--out", tmp_path / "k.safetensors"),
+                 ("resize", copy, "--rank", "2", "--out", tmp_path / "r"),
+                 ("blend", copy, peft_lora_dir, "--weights", "0.5,0.5", "--out", tmp_path / "b")):
+        result = run_cli(*args)
+        _assert_clean_error(result, "KaSA", "not s·B·A")

@@ -406,6 +406,46 @@ def test_unmerge_dora_needs_the_record(tmp_path, tiny_llama_bf16_dir, peft_dora_
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_unmerge_order_does_not_matter_for_stacked_dora(tmp_path, tiny_llama_dir, peft_lora_dir, peft_dora_dir):
+    """LoRA then DoRA on the same q/v tensors: the DoRA rescale covers the LoRA delta, so the undo must
+    run in the recorded (reverse) order whatever order the command line gives."""
+    merged = tmp_path / "merged"
+    merge(tiny_llama_dir, inputs(peft_lora_dir, (peft_dora_dir, 0.5)), merged, device="cpu")
+    unmerge(merged, inputs((peft_dora_dir, 0.5), peft_lora_dir), tmp_path / "reversed", device="cpu")
+    unmerge(merged, inputs(peft_lora_dir, (peft_dora_dir, 0.5)), tmp_path / "same", device="cpu")
+    original, after = files_state(tiny_llama_dir), files_state(merged)
+    reversed_, same = files_state(tmp_path / "reversed"), files_state(tmp_path / "same")
+    assert all(torch.equal(reversed_[k], same[k]) for k in original)
+    # error measured at the size of the operands: |W|, |W'| and the deltas (ΔW ≫ W in these fixtures)
+    lora, dora = load_adapter(peft_lora_dir), load_adapter(peft_dora_dir)
+    worst = 0.0
+    for name in original:
+        scale = original[name].abs() + after[name].abs()
+        target = name[: -len(".weight")]
+        if target in lora.layers:
+            scale = scale + lora.layers[target].delta_weight().abs()
+        if target in dora.layers:
+            scale = scale + 0.5 * dora.layers[target].delta_weight().abs()
+        worst = max(worst, ulps(same[name], original[name], scale))
+    assert worst <= 2.0, worst
+
+
+def test_fits_dtype():
+    from lorahub.merge import fits_dtype
+
+    ok = torch.randn(64, 64)
+    assert fits_dtype(ok, torch.bfloat16) and fits_dtype(ok, torch.float16)
+    big = ok.clone()
+    big[3, 3] = 70000.0  # finite in fp32 and bf16, inf in fp16
+    assert fits_dtype(big, torch.bfloat16) and not fits_dtype(big, torch.float16)
+    many = torch.full((1000, 1000), 100.0)  # ‖·‖ = 1e5 > fp16 max, yet every element fits: exact check
+    assert fits_dtype(many, torch.float16)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = ok.clone()
+        broken[0, 1] = bad
+        assert not fits_dtype(broken, torch.float32)
+
+
 def test_unmerge_exact_with_saved_originals(tmp_path, tiny_llama_bf16_dir, peft_lora_dir, peft_dora_dir,
                                             peft_embed_dir):
     merged = tmp_path / "merged"

@@ -27,9 +27,8 @@ def _common_options(func):
 
 
 def _load(args, input_format, allow_pickle):
-    from ..merge import AdapterInput, parse_adapter_arg
-
     from ..cliutil import open_adapter
+    from ..merge import AdapterInput, parse_adapter_arg
 
     inputs = []
     for arg in args:

@@ -75,8 +75,8 @@ def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
         return adapter
     for key, label in UNSUPPORTED_VARIANTS.items():
         value = config.get(key)
-        if value not in (None, False, {}, [], 0) and not (key == "use_qalora" and value is False):
-            adapter.metadata.setdefault("lorahub.unsupported", label)
+        if value not in (None, False, {}, [], 0) and adapter.unsupported_variant is None:
+            adapter.unsupported_variant = label
 
     component = source.metadata.get("lorahub.component")
     adapter.has_components = bool(component)
