@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
@@ -353,3 +354,33 @@ def test_card_rendering_is_stable_and_keeps_text():
     assert meta == {"license": "apache-2.0", "base_model": "org/base", "tags": ["x", "lora", "peft",
                     "base_model:adapter:org/base"], "library_name": "peft", "base_model_relation": "adapter"}
     assert body.startswith("Mine.\n") and body.count("<!-- lorahub:start -->") == 1
+
+
+def test_every_adapter_command_takes_hf_references(hub_env, adapter_repo, peft_lora_dir, tiny_llama_dir, tmp_path):
+    """resize, blend, convert and merge pull `hf://` adapters first and work on the pulled files."""
+    from safetensors.torch import load_file
+
+    repo_id, v1, _ = adapter_repo
+    ref = f"hf://{repo_id}@v1"
+    converted = tmp_path / "k.safetensors"
+    run(hub_env, "convert", ref, "--to", "kohya", "--out", converted)
+    local = run(hub_env, "convert", peft_lora_dir, "--to", "kohya", "--out", tmp_path / "local.safetensors")
+    assert local.returncode == 0
+    assert load_file(str(converted)).keys() == load_file(str(tmp_path / "local.safetensors")).keys()
+    resized = json.loads(run(hub_env, "resize", ref, "--rank", "2", "--out", tmp_path / "r2", "--json").stdout)
+    assert resized["summary"]["resized"] == 14
+    # half the pulled adapter plus half the local copy of the same adapter is that adapter
+    run(hub_env, "blend", ref, str(peft_lora_dir), "--weights", "0.5,0.5", "--method", "svd",
+        "--out", tmp_path / "same")
+    from lorahub.formats import load_adapter
+
+    original, same = load_adapter(peft_lora_dir), load_adapter(tmp_path / "same")
+    for target, layer in original.layers.items():
+        assert same.layers[target].rank == layer.rank
+        torch.testing.assert_close(same.layers[target].delta_weight(), layer.delta_weight(), rtol=1e-4, atol=1e-5)
+    run(hub_env, "merge", "--base", tiny_llama_dir, ref, "--out", tmp_path / "merged")
+    run(hub_env, "merge", "--base", tiny_llama_dir, peft_lora_dir, "--out", tmp_path / "merged_local")
+    assert load_file(str(tmp_path / "merged" / "model.safetensors")).keys() == \
+        load_file(str(tmp_path / "merged_local" / "model.safetensors")).keys()
+    for key, value in load_file(str(tmp_path / "merged" / "model.safetensors")).items():
+        assert value.equal(load_file(str(tmp_path / "merged_local" / "model.safetensors"))[key])
