@@ -191,12 +191,11 @@ def peft_worker(base: str, adapter: str, out: str, device: str) -> None:
 def check_against(out: Path, reference: Path | None, base: Path, adapter: Path, cfg: dict, alpha: float,
                   rank: int) -> str:
     """Bitwise comparison of sampled tensors with PEFT's output, or with a direct torch merge."""
-    import torch
     from safetensors import safe_open
 
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     last = cfg["layers"] - 1
-    names = [f"model.layers.0.self_attn.q_proj.weight", f"model.layers.{last}.mlp.down_proj.weight",
+    names = ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{last}.mlp.down_proj.weight",
              f"model.layers.{last // 2}.self_attn.k_proj.weight", "model.embed_tokens.weight", "lm_head.weight"]
     lines, worst = [], 0
     for name in names:

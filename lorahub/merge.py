@@ -3,6 +3,7 @@
 The math (per touched base tensor, all in fp32, rounded once to the output dtype):
 
 | op       | effect on the fp32 upcast `W` of the base tensor (base layout)                          |
+| -------- | ---------------------------------------------------------------------------------------- |
 | add      | `W += c·s·B₂A₂` in the base layout (Conv1D / embedding: transposed; conv: reshaped)       |
 | dora     | `W ← (m / ‖W₀ + c·ΔW‖_row) ⊙ (W + c·ΔW)`; the row norm is recorded for unmerge             |
 | bias     | `b += c·s·bias` (lora_bias)                                                              |
@@ -42,7 +43,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 import torch
 
 from . import __version__
-from .adapter import ST_DTYPES, ST_ITEMSIZE, TORCH_TO_ST, Adapter, LazyTensor, LoraLayer
+from .adapter import ST_DTYPES, ST_ITEMSIZE, Adapter, LazyTensor, LoraLayer
 from .errors import CheckFailed, LorahubError, UnsupportedError
 from .storage import (PICKLE_SUFFIXES, SafetensorsHeader, TensorInfo, atomic_path, file_sha256,
                       read_header)
@@ -335,9 +336,6 @@ class BaseLayout:
     def is_file(self) -> bool:
         return self.root.is_file()
 
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: bf.header.tensors[key].shape for name, (bf, key) in self.tensors.items()}
 
 
 def _is_lorahub_file(name: str) -> bool:
@@ -1208,10 +1206,6 @@ def _new_entry(operation: str, inputs: Sequence[AdapterInput], layout: BaseLayou
     }
 
 
-def _out_dir(out: Path | str) -> Path:
-    return Path(out)
-
-
 def merge(base: str | Path, adapters: Sequence[AdapterInput], out: str | Path, *, dtype: str | None = None,
           device: str | torch.device | None = "auto", save_originals: bool = False, overwrite: bool = False,
           progress: ProgressFactory | None = None, check: bool = True) -> MergeResult:
@@ -1221,7 +1215,7 @@ def merge(base: str | Path, adapters: Sequence[AdapterInput], out: str | Path, *
     """
     if not adapters:
         raise LorahubError("no adapters to merge")
-    out = _out_dir(out)
+    out = Path(out)
     layout = load_layout(base)
     _check_out(layout.root, out, overwrite)
     out_dtype = _normalize_dtype(dtype)
@@ -1264,7 +1258,7 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
     """
     if not adapters:
         raise LorahubError("no adapters to unmerge")
-    out = _out_dir(out)
+    out = Path(out)
     layout = load_layout(merged)
     _check_out(layout.root, out, overwrite)
     out_dtype = _normalize_dtype(dtype)
@@ -1361,22 +1355,14 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
                        warnings=warnings)
 
 
-def load_inputs(args: Sequence[str], *, allow_pickle: bool = False,
-                default_weight: float = 1.0) -> list[AdapterInput]:
-    """Resolve `PATH[:WEIGHT]` arguments (local paths or hub references) to adapters."""
-    from .formats import load_adapter  # type: ignore
+def load_inputs(args: Sequence[str], *, input_format: str | None = None,
+                allow_pickle: bool = False) -> list[AdapterInput]:
+    """Adapters from `PATH[:WEIGHT]` arguments (local paths or `hf://` references, pulled first)."""
+    from .cliutil import open_adapter
 
-    try:
-        from .hub import resolve_adapter_path  # type: ignore
-    except ImportError:
-        resolve_adapter_path = None
     inputs = []
     for arg in args:
         spec, weight = parse_adapter_arg(arg)
-        path = resolve_adapter_path(spec) if resolve_adapter_path is not None else Path(spec)
-        if resolve_adapter_path is None and not Path(path).exists():
-            raise LorahubError("adapter not found", path=spec)
-        adapter = load_adapter(Path(path), allow_pickle=allow_pickle)
-        inputs.append(AdapterInput(adapter, default_weight if weight is None else weight, spec, weight is not None))
+        adapter = open_adapter(spec, input_format or "auto", allow_pickle)
+        inputs.append(AdapterInput(adapter, 1.0 if weight is None else weight, spec, weight is not None))
     return inputs
-

@@ -16,11 +16,9 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fixtures_models import (load_file_metadata, load_file_state, peft_merged_state_dict,
-                             reference_fused_unet_state_dict)
+from fixtures_models import peft_merged_state_dict, reference_fused_unet_state_dict
 from lorahub.adapter import LazyTensor, LoraLayer
 from lorahub.cli import cli
 from lorahub.errors import CheckFailed, LorahubError, UnsupportedError

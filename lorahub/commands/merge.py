@@ -27,15 +27,9 @@ def _common_options(func):
 
 
 def _load(args, input_format, allow_pickle):
-    from ..cliutil import open_adapter
-    from ..merge import AdapterInput, parse_adapter_arg
+    from ..merge import load_inputs
 
-    inputs = []
-    for arg in args:
-        spec, weight = parse_adapter_arg(arg)
-        adapter = open_adapter(spec, input_format, allow_pickle)
-        inputs.append(AdapterInput(adapter, 1.0 if weight is None else weight, spec, weight is not None))
-    return inputs
+    return load_inputs(args, input_format=input_format, allow_pickle=allow_pickle)
 
 
 def _run(ctx, operation, as_json, call):
