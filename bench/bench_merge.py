@@ -165,8 +165,15 @@ def build_adapter(root: Path, base: Path, cfg: dict, rank: int, alpha: float, se
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
     """Wall time of `cmd && sync`, and the command's peak RSS from /usr/bin/time -v."""
+    have_time = os.path.exists("/usr/bin/time")
     started = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    if have_time:
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    else:  # machines without GNU time (some GPU images): the peak RSS of the child via a wrapper
+        wrapper = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+                   "print(f'Maximum resident set size (kbytes): "
+                   "{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr); sys.exit(rc)")
+        proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
     subprocess.run(["sync"], check=False)
     wall = time.perf_counter() - started
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)

@@ -33,6 +33,7 @@ import os
 import queue
 import shutil
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -210,7 +211,9 @@ def _add_delta(weight: torch.Tensor, layer: LoraLayer, coeff: float, device: tor
     up, down = layer.factors(device, torch.float32)
     n = up.shape[0]
     transposed = layer.kind == "embedding" or layer.fan_in_fan_out
-    if _is_power_of_two(scale):
+    # cuBLAS's addmm accumulates the product onto W, so a merge and its unmerge would round differently:
+    # the fused form is used on CPU only, where it gives the same bits as forming the product first
+    if _is_power_of_two(scale) and weight.device.type == "cpu":
         if transposed:
             weight.view(-1, n).addmm_(down.T, (up * scale).T)  # (k, n) += (B·A)ᵀ
         else:
@@ -581,6 +584,31 @@ def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int
             advance(done)
 
 
+def _load_sync_file_range():
+    """libc's sync_file_range, to start writeback of what we just wrote (Linux only)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        func = libc.sync_file_range
+        func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return func
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range() if sys.platform.startswith("linux") else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, count: int) -> None:
+    """Ask the kernel to start writing a finished range to disk now (non-blocking), so the disk works
+    while we compute the next tensors instead of all at the final flush. A hint: errors are ignored."""
+    if _SYNC_FILE_RANGE is not None and count > 0:
+        _SYNC_FILE_RANGE(fd, offset, count, _SYNC_FILE_RANGE_WRITE)
+
+
 def build_header(entries: Iterable[tuple[str, str, tuple[int, ...], int, int]],
                  metadata: dict[str, str] | None) -> bytes:
     """8-byte length + JSON (space-padded to a multiple of 8), entries in the given order."""
@@ -876,6 +904,7 @@ class _Pipeline:
                     if job.header_bytes is None:
                         began = time.perf_counter()
                         _copy_range(src_fd, dst_fd, 0, 0, job.out_size, self._advance_copy)
+                        _start_writeback(dst_fd, 0, job.out_size)
                         self.busy["copy"] += time.perf_counter() - began
                         self._throttle()
                         continue
@@ -888,6 +917,7 @@ class _Pipeline:
                             _, src_off, dst_off, count = item
                             began = time.perf_counter()
                             _copy_range(src_fd, dst_fd, src_off, dst_off, count, self._advance_copy)
+                            _start_writeback(dst_fd, dst_off, count)
                             self.busy["copy"] += time.perf_counter() - began
                         else:
                             self._write_tensor(item[1], dst_fd, undo_fd)
@@ -916,6 +946,7 @@ class _Pipeline:
             data = payload.numpy()
         began = time.perf_counter()
         _pwrite_all(dst_fd, memoryview(data), job.out_offset)
+        _start_writeback(dst_fd, job.out_offset, job.out_bytes)
         if undo_fd is not None and job.undo_offset is not None:
             _pwrite_all(undo_fd, memoryview(slot.input[: job.in_bytes].numpy()), job.undo_offset)
         self.busy["write"] += time.perf_counter() - began
