@@ -424,9 +424,6 @@ def validate_inputs(layout: BaseLayout, inputs: Sequence[AdapterInput]) -> None:
 
     for item in inputs:
         adapter = item.adapter
-        if adapter.metadata.get("lorahub.unsupported"):
-            raise UnsupportedError(f"{adapter.metadata['lorahub.unsupported']} adapters cannot be merged "
-                                   "(their delta is not s·B·A)", path=adapter.path)
         adapter.require_lora("merge")
         report = validate(adapter, layout.model, suggest=False)
         if not report.ok:

@@ -362,6 +362,7 @@ def test_peft_variant_with_other_math_is_flagged_and_refused(tmp_path, peft_lora
     assert any("KaSA" in w for w in info["warnings"])
     for args in (("convert", copy, "--to", "kohya", "--out", tmp_path / "k.safetensors"),
                  ("resize", copy, "--rank", "2", "--out", tmp_path / "r"),
-                 ("blend", copy, peft_lora_dir, "--weights", "0.5,0.5", "--out", tmp_path / "b")):
+                 ("blend", copy, peft_lora_dir, "--weights", "0.5,0.5", "--out", tmp_path / "b"),
+                 ("merge", "--base", config["base_model_name_or_path"], copy, "--out", tmp_path / "m")):
         result = run_cli(*args)
         _assert_clean_error(result, "KaSA", "not s·B·A")
