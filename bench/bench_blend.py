@@ -34,59 +34,20 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# bench/common.py (bench/ is on sys.path when this runs as a script); it puts the repository root there too
+from common import BLOCKS, fmt_s, make_adapter, print_cpu_model, sync, timed
+from lorahub.adapter import Adapter, LoraLayer
+from lorahub.blend import blend
+from lorahub.formats import load_adapter, save_adapter
+from lorahub.lowrank import factored_svd_sum
 
-from lorahub.adapter import Adapter, LazyTensor, LoraLayer  # noqa: E402
-from lorahub.blend import blend  # noqa: E402
-from lorahub.formats import load_adapter, save_adapter  # noqa: E402
-from lorahub.lowrank import factored_svd_sum  # noqa: E402
-
-HIDDEN, INTER, BLOCKS = 4096, 11008, 32
-PROJ = {  # name -> (out, in)
-    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
-    "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER),
-}
 WEIGHTS = [0.7, 0.3]
-
-
-def make_adapter(rank: int, seed: int, *, alpha: float, use_rslora: bool, blocks: int = BLOCKS) -> Adapter:
-    g = torch.Generator().manual_seed(seed)
-    sigma = torch.exp(-torch.arange(rank, dtype=torch.float32) / 8)
-    layers = {}
-    for block in range(blocks):
-        for proj, (n, k) in PROJ.items():
-            # Gaussian columns / √dim are nearly orthonormal for dim ≫ r: spectrum ≈ c·σ, decaying
-            c = 0.5 + torch.rand((), generator=g).item()
-            up = torch.randn(n, rank, generator=g) * (sigma * c / n ** 0.5)
-            down = torch.randn(rank, k, generator=g) / k ** 0.5
-            target = f"model.layers.{block}.{proj}"
-            layers[target] = LoraLayer(target=target, kind="linear", A=LazyTensor.of(down), B=LazyTensor.of(up),
-                                       alpha=alpha, rank=rank, use_rslora=use_rslora,
-                                       source_key="base_model.model." + target)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": use_rslora,
-              "task_type": "CAUSAL_LM", "target_modules": sorted({p.split(".")[1] for p in PROJ})}
-    return Adapter(path=None, format="peft", layers=layers, config=config, base_model="meta-llama/Llama-2-7b-hf")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
 
 
 def dense_blend(layers: list[LoraLayer], device: torch.device, out_rank: int, full_matrices: bool):
@@ -100,10 +61,6 @@ def dense_blend(layers: list[LoraLayer], device: torch.device, out_rank: int, fu
     up_new = U[:, :out_rank] * S[:out_rank]
     down_new = Vh[:out_rank]
     return delta, S, up_new, down_new
-
-
-def fmt_s(x: float) -> str:
-    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
 def main(argv=None) -> int:
@@ -129,7 +86,7 @@ def main(argv=None) -> int:
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
           f"cpu_count {os.cpu_count()}, torch threads {torch.get_num_threads()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    record["cpu"] = _cpu_model()
+    record["cpu"] = print_cpu_model()
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)
         print(f"device {record['gpu']}, CUDA {torch.version.cuda}")
@@ -255,18 +212,6 @@ def main(argv=None) -> int:
 def _write(path: str | None, record: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                print("cpu:", model)
-                return model
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":

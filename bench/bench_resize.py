@@ -27,75 +27,24 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lorahub.adapter import Adapter, LazyTensor, LoraLayer  # noqa: E402
-from lorahub.formats import load_adapter, save_adapter  # noqa: E402
-from lorahub.lowrank import factored_svd  # noqa: E402
-from lorahub.resize import resize_adapter  # noqa: E402
-
-HIDDEN, INTER, BLOCKS = 4096, 11008, 32
-PROJ = {  # name -> (out, in)
-    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
-    "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER),
-}
-
-
-def use_tiny_shapes() -> None:
-    """Smoke-test shapes (hidden 512, intermediate 1376, 2 blocks): checks the script, times nothing useful."""
-    global HIDDEN, INTER, BLOCKS, PROJ
-    HIDDEN, INTER, BLOCKS = 512, 1376, 2
-    PROJ = {name: tuple(HIDDEN if d == 4096 else INTER for d in shape) for name, shape in PROJ.items()}
-
-
-def make_adapter(rank: int, dtype: torch.dtype, seed: int = 0) -> Adapter:
-    g = torch.Generator().manual_seed(seed)
-    sigma = torch.exp(-torch.arange(rank, dtype=torch.float32) / 8)
-    layers = {}
-    for block in range(BLOCKS):
-        for proj, (n, k) in PROJ.items():
-            # Gaussian columns / √dim are nearly orthonormal for dim ≫ r: spectrum ≈ c·σ, decaying
-            c = 0.5 + torch.rand((), generator=g).item()
-            up = torch.randn(n, rank, generator=g) * (sigma * c / n ** 0.5)
-            down = torch.randn(rank, k, generator=g) / k ** 0.5
-            target = f"model.layers.{block}.{proj}"
-            layers[target] = LoraLayer(target=target, kind="linear", A=LazyTensor.of(down.to(dtype)),
-                                       B=LazyTensor.of(up.to(dtype)), alpha=2.0 * rank, rank=rank,
-                                       source_key="base_model.model." + target)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "task_type": "CAUSAL_LM",
-              "target_modules": sorted({p.split(".")[1] for p in PROJ})}
-    return Adapter(path=None, format="peft", layers=layers, config=config, base_model="meta-llama/Llama-2-7b-hf")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
+# bench/common.py (bench/ is on sys.path when this runs as a script); it puts the repository root there too
+from common import BLOCKS, PROJ, fmt_s, make_adapter, print_cpu_model, proj_shapes, sync, timed
+from lorahub.adapter import Adapter, LoraLayer
+from lorahub.formats import load_adapter, save_adapter
+from lorahub.lowrank import factored_svd
+from lorahub.resize import resize_adapter
 
 
 def dense_svd(layer: LoraLayer, device: torch.device):
     up, down = layer.factors(device=device, dtype=torch.float32)
     W = up @ down
     return torch.linalg.svd(W, full_matrices=True)
-
-
-def fmt_s(x: float) -> str:
-    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
 def main(argv=None) -> int:
@@ -114,8 +63,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tiny:
-        use_tiny_shapes()
+    # --tiny: smoke-test shapes (hidden 512, intermediate 1376, 2 blocks): checks the script, times nothing useful
+    blocks, proj = (2, proj_shapes(512, 1376)) if args.tiny else (BLOCKS, PROJ)
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -126,9 +75,9 @@ def main(argv=None) -> int:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     if device.type == "cuda":
         print(f"device {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
-    _cpu_model()
+    print_cpu_model()
     t0 = time.perf_counter()
-    adapter = make_adapter(args.rank, dtype)
+    adapter = make_adapter(args.rank, alpha=2.0 * args.rank, dtype=dtype, blocks=blocks, proj=proj)
     n_layers = len(adapter.layers)
     nbytes = sum(layer.A.nbytes + layer.B.nbytes for layer in adapter.layers.values())
     print(f"adapter: {n_layers} layers, rank {args.rank}, {args.dtype}, {nbytes / 1e6:.0f} MB of factors "
@@ -218,16 +167,6 @@ def main(argv=None) -> int:
           f"error ‖ΔW − ΔW'‖_F vs the Eckart–Young optimum √(Σ dropped σ²): max relative deviation {worst_recon:.2e}")
     print(f"\nRATIO dense / lorahub (in memory): {total_dense / lh:,.0f}×")
     return 0
-
-
-def _cpu_model() -> None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                print("cpu:", line.split(":", 1)[1].strip())
-                return
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

@@ -48,7 +48,24 @@ ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-class LazyTensor:
+class TensorSize:
+    """`numel` and `nbytes` of a tensor described by `shape` and a safetensors `dtype` name
+    (an unknown dtype counts 4 bytes an element). Mixed into `LazyTensor` and `base.BaseTensor`."""
+
+    __slots__ = ()
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ST_ITEMSIZE.get(self.dtype, 4)
+
+
+class LazyTensor(TensorSize):
     """A tensor that is either in memory or read on demand from a safetensors file."""
 
     __slots__ = ("path", "key", "shape", "dtype", "_value")
@@ -68,14 +85,6 @@ class LazyTensor:
     @classmethod
     def of(cls, value: torch.Tensor, key: str | None = None) -> "LazyTensor":
         return cls(value=value, key=key)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ST_ITEMSIZE.get(self.dtype, 4)
 
     @property
     def loaded(self) -> bool:

@@ -20,7 +20,6 @@ or the repo path for Hub bases, or None for registry manifests (which have no fi
 from __future__ import annotations
 
 import json
-import math
 import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
-from .adapter import ST_ITEMSIZE
+from .adapter import TensorSize
 from .errors import LorahubError
 from .storage import MAX_HEADER_BYTES, SafetensorsHeader, is_pickle_path, parse_header_bytes, read_header
 
@@ -46,19 +45,11 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 @dataclass
-class BaseTensor:
+class BaseTensor(TensorSize):
     name: str
     shape: tuple[int, ...]
     dtype: str
     file: str | None  # relative to BaseModel.root (local), repo path (Hub), None (registry)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ST_ITEMSIZE.get(self.dtype, 4)
 
 
 @dataclass

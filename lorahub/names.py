@@ -509,22 +509,27 @@ def _ldm_layers_per_block(ldm: dict) -> int | None:
     return ops[0] - 1 if ops else None
 
 
+def _map_prefix(path: str, table: dict[str, str]) -> str | None:
+    """`path` with its leading module name (a key of `table`, up to a '.') replaced; None if none matches."""
+    for key, value in table.items():
+        if path == key or path.startswith(key + "."):
+            return value + path[len(key):]
+    return None
+
+
 def _map_resnet(rest: str, table: dict[str, str]) -> str | None:
     """Map the part of a module path inside a resnet ('' for the block itself)."""
     if not rest:
         return ""
-    body = rest[1:]
-    for key, value in table.items():
-        if body == key or body.startswith(key + "."):
-            return "." + value + body[len(key):]
-    return None
+    mapped = _map_prefix(rest[1:], table)
+    return None if mapped is None else "." + mapped
 
 
 def diffusers_to_ldm_unet(path: str, layers: int, up_attn: set[int]) -> str | None:
     """A diffusers UNet2DConditionModel module path in LDM/SGM naming (None if not covered)."""
-    for key, value in _UNET_SIMPLE.items():
-        if path == key or path.startswith(key + "."):
-            return value + path[len(key):]
+    simple = _map_prefix(path, _UNET_SIMPLE)
+    if simple is not None:
+        return simple
     step = layers + 1
     m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)((?:\..*)?)", path)
     if m:
@@ -561,9 +566,9 @@ def diffusers_to_ldm_unet(path: str, layers: int, up_attn: set[int]) -> str | No
 
 def ldm_to_diffusers_unet(path: str, layers: int) -> str | None:
     """An LDM/SGM UNet module path (without `model.diffusion_model.`) in diffusers naming."""
-    for key, value in _UNET_SIMPLE_FROM_LDM.items():
-        if path == key or path.startswith(key + "."):
-            return value + path[len(key):]
+    simple = _map_prefix(path, _UNET_SIMPLE_FROM_LDM)
+    if simple is not None:
+        return simple
     step = layers + 1
     m = re.fullmatch(r"input_blocks\.(\d+)\.(\d+)((?:\..*)?)", path)
     if m:
