@@ -28,6 +28,12 @@ class LorahubGroup(click.Group):
                 traceback.print_exc()
             error_line(str(exc))
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # the disk, not our code: unwritable --out, disk full, permissions
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            where = f"{exc.filename}: " if exc.filename else ""
+            error_line(f"{where}{exc.strerror or exc}; nothing was written")
+            ctx.exit(1)
         except KeyboardInterrupt:
             error_line("interrupted; no output was written")
             ctx.exit(130)

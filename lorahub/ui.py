@@ -18,7 +18,10 @@ def _make_console(stderr: bool) -> Console:
     probe = Console(stderr=stderr)
     # piped output (CI logs, `| less`) gets a wide page instead of rich's 80 columns
     width = None if probe.is_terminal or os.environ.get("COLUMNS") else 200
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+    # NO_COLOR (no-color.org): no colour and no other styling escapes either
+    plain = bool(os.environ.get("NO_COLOR"))
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width,
+                   color_system=None if plain else "auto", no_color=plain)
 
 
 console = _make_console(False)
@@ -49,7 +52,9 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]], **kwargs
 
 
 def progress_enabled() -> bool:
-    return err_console.is_terminal and not os.environ.get("LORAHUB_NO_PROGRESS")
+    # a live bar redraws with cursor escapes: none under NO_COLOR, none when not a terminal
+    return err_console.is_terminal and not os.environ.get("LORAHUB_NO_PROGRESS") and \
+        not os.environ.get("NO_COLOR")
 
 
 @contextmanager

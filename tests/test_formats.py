@@ -109,6 +109,27 @@ def test_inspect_human_output_and_layers(peft_lora_dir):
     assert "model.layers.1.mlp.down_proj" in result.stdout
 
 
+def test_inspect_spectrum_matches_dense_svd_of_peft_delta(peft_rslora_dir):
+    """`inspect --spectrum`: every layer's singular values are those of PEFT's own ΔW (numpy's dense
+    SVD), and the effective rank is the minimal k holding 99% of Σσ²."""
+    import numpy as np
+
+    base_dir = Path(json.loads((peft_rslora_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
+    info = json.loads(run_cli("inspect", peft_rslora_dir, "--spectrum", "--json", check=True).stdout)
+    layers = {entry["target"]: entry for entry in info["layers"]}
+    peft_view = peft_layers(base_dir, peft_rslora_dir)
+    assert set(layers) == set(peft_view)
+    for name, module in peft_view.items():
+        S = np.linalg.svd(module.get_delta_weight("default").detach().double().numpy(), compute_uv=False)
+        got = np.array(layers[name]["singular_values"])
+        assert len(got) == module.r["default"], name
+        np.testing.assert_allclose(got, S[:len(got)], rtol=0, atol=1e-5 * S[0] + 1e-6, err_msg=name)
+        energy = np.cumsum(S ** 2) / np.sum(S ** 2)
+        assert layers[name]["effective_rank_99"] == int(np.argmax(energy >= 0.99 - 1e-12)) + 1, name
+    text = run_cli("inspect", peft_rslora_dir, "--spectrum", check=True).stdout
+    assert "model.layers.1.mlp.down_proj" in text
+
+
 # --------------------------------------------------------------------------------------------
 # round trips keep B·A·scale of every layer (compared with PEFT's own delta)
 
@@ -194,6 +215,27 @@ def test_kohya_names_without_metadata_are_guessed(tmp_path, kohya_unet_file):
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0" in targets
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj" in targets
     assert "unet.down_blocks.0.resnets.0.conv1" in targets
+
+
+def test_kohya_without_alpha_means_alpha_equals_rank(tmp_path, tiny_unet_dir, kohya_unet_file):
+    """A kohya file with no `.alpha` keys: scale 1, as diffusers' own loader fuses it."""
+    from fixtures_models import load_file_state, reference_fused_unet_state_dict
+
+    with safe_open(str(kohya_unet_file), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if not k.endswith(".alpha")}
+    path = tmp_path / "no_alpha.safetensors"
+    save_file(tensors, str(path), metadata={k: v for k, v in metadata.items() if k != "ss_network_alpha"})
+    info = inspect_json(path)
+    assert info["alpha"] == info["rank"] == 4 and info["scale"] == 1
+    assert all(entry["alpha"] == entry["rank"] and entry["scale"] == 1 for entry in info["layers"])
+    fused = reference_fused_unet_state_dict(tiny_unet_dir, path)
+    base = load_file_state(tiny_unet_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    adapter = load_adapter(path)
+    assert len(adapter.layers) == info["modules"] > 0
+    for target, layer in adapter.layers.items():
+        key = target.removeprefix("unet.") + ".weight"
+        torch.testing.assert_close(fused[key] - base[key], layer.delta_weight(), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,3 +408,22 @@ def test_peft_variant_with_other_math_is_flagged_and_refused(tmp_path, peft_lora
                  ("merge", "--base", config["base_model_name_or_path"], copy, "--out", tmp_path / "m")):
         result = run_cli(*args)
         _assert_clean_error(result, "KaSA", "not s·B·A")
+
+
+def test_headers_only_inspect_reads_no_tensor_data(tmp_path, peft_lora_dir):
+    """Lazy factors: a file whose every data byte is 0xFF (NaN in fp32) inspects cleanly with
+    --headers-only (the data was never read) and fails the NaN scan when the data is read."""
+    source = peft_lora_dir / "adapter_model.safetensors"
+    raw = bytearray(source.read_bytes())
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    raw[8 + header_len:] = b"\xff" * (len(raw) - 8 - header_len)
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    (poisoned / "adapter_config.json").write_text((peft_lora_dir / "adapter_config.json").read_text())
+    (poisoned / "adapter_model.safetensors").write_bytes(bytes(raw))
+    adapter = load_adapter(poisoned)
+    assert not any(layer.A.loaded or layer.B.loaded for layer in adapter.layers.values())
+    fast = run_cli("inspect", poisoned, "--headers-only", "--json", check=True)
+    assert json.loads(fast.stdout)["modules"] == 14
+    full = run_cli("inspect", poisoned)
+    assert full.returncode == 1 and "NaN" in full.stderr

@@ -161,16 +161,39 @@ def test_inspect_hf_reference(hub_env, adapter_repo):
     assert info["format"] == "peft" and info["rank"] == 8 and f"snapshots/{v1}" in info["path"]
 
 
-def test_validate_hf_adapter_against_hf_base_reads_headers_only(hub_server, hub_env, adapter_repo, base_repo):
-    if run(hub_env, "validate", "--help", ok=None).returncode != 0:
-        pytest.skip("lorahub validate is not available yet")
+def test_validate_hf_adapter_against_hf_base_reads_headers_only(hub_server, hub_env, adapter_repo, base_repo,
+                                                               tiny_llama_dir):
     repo_id, _, _ = adapter_repo
     hub_server.reset_stats()
-    run(hub_env, "validate", f"hf://{repo_id}", "--base", f"hf://{base_repo}")
-    sizes = {s.rfilename: s.size for s in HfApi().model_info(base_repo, files_metadata=True).siblings}
-    for (r, p), n in hub_server.stats.bytes_served.items():
-        if r == base_repo and p.endswith(".safetensors"):
-            assert n < sizes[p]
+    payload = json.loads(run(hub_env, "validate", f"hf://{repo_id}", "--base", f"hf://{base_repo}", "--json").stdout)
+    assert payload["ok"] is True and payload["matched"] == payload["modules"] == 14
+    # the base's weights: exactly the 8-byte length and the JSON header of each file, nothing more
+    served = {p: n for (r, p), n in hub_server.stats.bytes_served.items()
+              if r == base_repo and p.endswith(".safetensors")}
+    weights = sorted(p.name for p in tiny_llama_dir.glob("*.safetensors"))
+    assert sorted(served) == weights
+    for name in weights:
+        with open(tiny_llama_dir / name, "rb") as handle:
+            header = 8 + int.from_bytes(handle.read(8), "little")
+        assert served[name] == header < (tiny_llama_dir / name).stat().st_size, name
+
+
+def test_pull_falls_back_to_the_cache_when_the_hub_is_unreachable(hub_server, hub_env, peft_lora_dir):
+    """docs/hub.md: with the network down (and no HF_HUB_OFFLINE), a cached pull is found again."""
+    repo_id = hub_server.new_repo_id(prefix="cached")
+    hub_server.seed_repo(repo_id, {name: peft_lora_dir / name
+                                   for name in ("adapter_config.json", "adapter_model.safetensors")})
+    first = json.loads(run(hub_env, "pull", repo_id, "--json", "--no-inspect").stdout)
+    assert first["from_cache_only"] is False
+    hub_server.fail("close")  # every request: the connection is dropped
+    try:
+        again = json.loads(run(hub_env, "pull", repo_id, "--json", "--no-inspect").stdout)
+        res = run(hub_env, "pull", hub_server.new_repo_id(prefix="never-pulled"), ok=False)
+    finally:
+        hub_server.heal()
+    assert again["from_cache_only"] is True
+    assert again["path"] == first["path"] and again["commit"] == first["commit"]
+    assert error_line(res).startswith(f"error: cannot reach the Hugging Face Hub at {hub_server.url}")
 
 
 def test_pull_picks_one_adapter_or_asks(hub_server, hub_env, kohya_unet_file, tmp_path):

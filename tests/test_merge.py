@@ -238,6 +238,11 @@ def test_layout_metadata_and_record(tmp_path, tiny_llama_dir, tiny_llama_sharded
     base_files = sorted(p.name for p in tiny_llama_sharded_dir.iterdir())
     out_files = sorted(p.name for p in out.iterdir())
     assert set(out_files) - set(base_files) == {RECORD_FILE, f"{UNDO_PREFIX}0.safetensors"}
+    assert set(base_files) <= set(out_files)
+    for name in base_files:  # config, generation config, tokenizer files and the index: copied as they are
+        if not name.endswith(".safetensors"):
+            assert (out / name).read_bytes() == (tiny_llama_sharded_dir / name).read_bytes(), name
+    assert {"config.json", "generation_config.json", "tokenizer_config.json"} <= set(base_files)
     assert (out / "model.safetensors.index.json").read_bytes() == \
         (tiny_llama_sharded_dir / "model.safetensors.index.json").read_bytes()
     assert result.files_copied >= 1 and result.files_rewritten >= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -215,3 +216,14 @@ def test_wheel_ships_the_manifests(tmp_path):
     folder, count, params = result.stdout.split()
     assert Path(folder) == site / "lorahub" / "registry_data"
     assert int(count) == len(REQUIRED) and int(params) == 8_030_261_248
+    # the README's first command (`pip install . && lorahub demo`) needs the bundled example in the wheel
+    examples = ROOT / "lorahub" / "examples"
+    shipped = {str(p.relative_to(ROOT)) for p in examples.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert shipped and shipped <= names
+    code = (f"import lorahub; assert lorahub.__file__.startswith({str(site)!r}), lorahub.__file__; "
+            "from lorahub.cli import main; main(['demo', '--json'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(site), "LORAHUB_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    demo = json.loads(result.stdout)
+    assert demo["numbers"]["validate_ok"] is True and len(demo["steps"]) >= 7

@@ -124,7 +124,8 @@ def add_command(spec: str, name: str, revision: str | None, force: bool, as_json
 
 @registry_group.command("remove")
 @click.argument("name")
-def remove_command(name: str) -> None:
+@json_option
+def remove_command(name: str, as_json: bool) -> None:
     """Remove a manifest you added (built-in manifests stay).
 
     \b
@@ -134,7 +135,10 @@ def remove_command(name: str) -> None:
     from ..registry import remove
 
     path = remove(name)
-    console.print(f"removed {name} ({path})")
+    if as_json:
+        print_json({"removed": name, "path": str(path)})
+    else:
+        console.print(f"removed {name} ({path})")
 
 
 # lorahub.cli registers every module-level click.Command as a top-level command; the subcommands
