@@ -81,8 +81,19 @@ def tensor_dtype_name(tensor: torch.Tensor) -> str:
     return TORCH_TO_ST.get(tensor.dtype, str(tensor.dtype))
 
 
-def to_native(layer: LoraLayer, which: str) -> torch.Tensor:
-    return (layer.A if which == "A" else layer.B).load().contiguous()
+def peft_magnitude(layer: LoraLayer) -> torch.Tensor:
+    """The DoRA magnitude as PEFT stores it: (out,), or (1, out, 1, 1) for a conv (PEFT's
+    `_DoraConvNdLayer` keeps the transposed keepdim norm)."""
+    magnitude = layer.magnitude.load().reshape(-1)
+    if layer.kind == "conv":
+        magnitude = magnitude.reshape(1, -1, *([1] * (len(layer.base_shape) - 2)))
+    return magnitude.contiguous()
+
+
+def kohya_dora_scale(layer: LoraLayer) -> torch.Tensor:
+    """The DoRA magnitude as LyCORIS (wd_on_out) stores `dora_scale`: (out, 1) or (out, 1, 1, 1).
+    ComfyUI tells the axis by shape[0] == out."""
+    return layer.magnitude.load().reshape(-1, *([1] * (len(layer.base_shape) - 1))).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from .common import COMPONENTS, COMPONENTS_METADATA, TensorSource, check_pair, layer_kind, missing_partner
+from .common import (COMPONENTS, COMPONENTS_METADATA, TensorSource, check_pair, layer_kind, missing_partner,
+                     peft_magnitude)
 from .kohya import LAYERS_METADATA, layer_entry, read_layers_metadata
 from .peft import pattern_value
 
@@ -122,7 +123,7 @@ def write(adapter: Adapter, out: Path) -> Path:
             tensors[f"{base}.lora_B.weight"] = layer.B.load().contiguous()
         tensors[f"{base}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
         if layer.magnitude is not None:
-            tensors[f"{base}.lora_magnitude_vector"] = layer.magnitude.load().reshape(-1).contiguous()
+            tensors[f"{base}.lora_magnitude_vector"] = peft_magnitude(layer)
         if layer.bias is not None:
             tensors[f"{base}.lora_B.bias"] = layer.bias.load().contiguous()
     if adapter.full_tensors:

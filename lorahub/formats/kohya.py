@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
 from .common import (COMPONENTS_METADATA, KOHYA_PREFIXES, TensorSource, check_pair, component_of,
-                     kohya_split_prefix, kohya_to_target, layer_kind, missing_partner, target_to_kohya)
+                     kohya_dora_scale, kohya_split_prefix, kohya_to_target, layer_kind, missing_partner,
+                     target_to_kohya)
 
 NAME = "kohya"
 LYCORIS_MARKERS = {
@@ -124,8 +125,7 @@ def write(adapter: Adapter, out: Path) -> Path:
         # kohya's scale is alpha/rank: keep the effective scale, rsLoRA included
         tensors[f"{name}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
         if layer.magnitude is not None:
-            tensors[f"{name}.dora_scale"] = layer.magnitude.load().reshape(-1, 1).contiguous() \
-                if layer.kind != "conv" else layer.magnitude.load().reshape(1, -1, 1, 1).contiguous()
+            tensors[f"{name}.dora_scale"] = kohya_dora_scale(layer)
         if layer.bias is not None:
             tensors[f"{name}.lora_up.bias"] = layer.bias.load().contiguous()
     if adapter.full_tensors:

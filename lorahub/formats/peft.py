@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from .common import TensorSource, check_pair, component_of, layer_kind, missing_partner
+from .common import TensorSource, check_pair, component_of, layer_kind, missing_partner, peft_magnitude
 
 NAME = "peft"
 CONFIG = "adapter_config.json"
@@ -206,7 +206,7 @@ def write(adapter: Adapter, out: Path) -> Path:
             tensors[base + ".lora_A.weight"] = layer.A.load().contiguous()
             tensors[base + ".lora_B.weight"] = layer.B.load().contiguous()
         if layer.magnitude is not None:
-            tensors[base + ".lora_magnitude_vector"] = layer.magnitude.load().reshape(-1).contiguous()
+            tensors[base + ".lora_magnitude_vector"] = peft_magnitude(layer)
         if layer.bias is not None:
             tensors[base + ".lora_B.bias"] = layer.bias.load().contiguous()
     embedding_modules = {strip(layer.target) for layer in layers if layer.kind == "embedding"}

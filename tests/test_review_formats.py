@@ -1,0 +1,72 @@
+"""Regression tests from code review: format round trips checked against PEFT itself."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from safetensors.torch import load_file
+
+from lorahub.formats import load_adapter, save_adapter
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _peft_conv_dora(out):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_ConvNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["conv"], use_dora=True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(str(out))
+    return model
+
+
+def _peft_output(adapter_dir, x):
+    from peft import PeftModel
+
+    torch.manual_seed(0)  # the base weights _peft_conv_dora trained on
+    base = _ConvNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model(x)
+
+
+def test_conv_dora_peft_round_trip_loads_in_peft(tmp_path):
+    """A conv DoRA adapter written back as PEFT (directly or via kohya) must load in PEFT and give
+    the same outputs; PEFT stores a conv magnitude as (1, out, 1, 1)."""
+    model = _peft_conv_dora(tmp_path / "src")
+    x = torch.randn(2, 4, 5, 5)
+    expected = model(x)
+    assert torch.allclose(_peft_output(tmp_path / "src", x), expected, atol=1e-6)
+
+    adapter = load_adapter(tmp_path / "src")
+    save_adapter(adapter, tmp_path / "peft", "peft")
+    assert torch.allclose(_peft_output(tmp_path / "peft", x), expected, atol=1e-6)
+
+    save_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    save_adapter(load_adapter(tmp_path / "k.safetensors"), tmp_path / "peft2", "peft")
+    assert torch.allclose(_peft_output(tmp_path / "peft2", x), expected, atol=1e-6)
+
+
+def test_conv_dora_kohya_scale_on_output_axis(tmp_path):
+    """LyCORIS (wd_on_out) and ComfyUI read a conv `dora_scale` of shape (out, 1, 1, 1) as per output
+    channel; (1, out, 1, 1) would be taken as per input channel."""
+    _peft_conv_dora(tmp_path / "src")
+    save_adapter(load_adapter(tmp_path / "src"), tmp_path / "k.safetensors", "kohya")
+    tensors = load_file(str(tmp_path / "k.safetensors"))
+    (scale,) = [v for k, v in tensors.items() if k.endswith(".dora_scale")]
+    magnitude = load_file(str(tmp_path / "src" / "adapter_model.safetensors"))[
+        "base_model.model.conv.lora_magnitude_vector"]
+    assert tuple(scale.shape) == (6, 1, 1, 1)
+    assert torch.equal(scale.reshape(-1), magnitude.reshape(-1))
