@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 from rich.table import Table
@@ -20,7 +21,8 @@ def _make_console(stderr: bool) -> Console:
     width = None if probe.is_terminal or os.environ.get("COLUMNS") else 200
     # NO_COLOR (no-color.org): no colour and no other styling escapes either
     plain = bool(os.environ.get("NO_COLOR"))
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width,
+    # emoji=False: "file:abc:" in a message is a path, not the emoji code :abc:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width, emoji=False,
                    color_system=None if plain else "auto", no_color=plain)
 
 
@@ -83,11 +85,12 @@ def step_progress(description: str, total: int) -> Iterator[Any]:
 
 
 def error_line(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    # messages carry file names and keys, which may contain '[...]': never read them as markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def human_bytes(n: float) -> str:

@@ -410,8 +410,12 @@ def reference_fused_unet_state_dict(unet_dir: Path, kohya_file: Path) -> dict[st
     expected_keys = set(unet.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state_dict, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(kohya_file))
-        unet.load_lora_adapter(state_dict, prefix="unet", network_alphas=network_alphas, adapter_name="kohya")
+        # as `pipe.load_lora_weights` does: kohya files give network alphas, PEFT-style files their
+        # LoraConfig in the `lora_adapter_metadata` JSON
+        state_dict, network_alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            str(kohya_file), return_lora_metadata=True)
+        unet.load_lora_adapter(state_dict, prefix="unet", network_alphas=network_alphas,
+                               metadata=metadata or None, adapter_name="kohya")
         unet.fuse_lora(lora_scale=1.0)
     out: dict[str, torch.Tensor] = {}
     for k, v in unet.state_dict().items():

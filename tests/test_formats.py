@@ -206,6 +206,14 @@ def test_peft_unet_adapter_to_kohya_matches_peft_merge(tmp_path, tiny_unet_dir):
     fused = reference_fused_unet_state_dict(tiny_unet_dir, kohya_file)
     for key, value in merged.items():
         torch.testing.assert_close(fused[key], value, rtol=1e-5, atol=1e-6)
+    # and as a diffusers file: the rsLoRA scale travels in `lora_adapter_metadata`, which diffusers reads
+    diffusers_file = tmp_path / "pytorch_lora_weights.safetensors"
+    run_cli("convert", tmp_path / "peft_unet", "--to", "diffusers", "--out", diffusers_file, check=True)
+    with safe_open(str(diffusers_file), "pt") as handle:
+        assert all(k.startswith("unet.") for k in handle.keys())
+    fused = reference_fused_unet_state_dict(tiny_unet_dir, diffusers_file)
+    for key, value in merged.items():
+        torch.testing.assert_close(fused[key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_kohya_names_without_metadata_are_guessed(tmp_path, kohya_unet_file):
@@ -427,3 +435,71 @@ def test_headers_only_inspect_reads_no_tensor_data(tmp_path, peft_lora_dir):
     assert json.loads(fast.stdout)["modules"] == 14
     full = run_cli("inspect", poisoned)
     assert full.returncode == 1 and "NaN" in full.stderr
+
+
+def test_sdxl_kohya_sgm_names_convert_to_diffusers_names(tmp_path):
+    """kohya names SDXL UNet modules in its SGM layout (input_blocks.4.1...). diffusers maps those
+    itself when it loads the kohya file; `convert --to diffusers` must write the diffusers names, so
+    the converted file fuses to the same weights as diffusers' own load of the kohya file."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_kohya
+    from fixtures_models import reference_fused_unet_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from lorahub.names import diffusers_to_ldm_unet
+
+    torch.manual_seed(3)
+    config = dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=8,
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, sample_size=16)
+    unet = UNet2DConditionModel(**config)
+    unet_dir = tmp_path / "sdxl_like"
+    unet.save_pretrained(str(unet_dir / "unet"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_v", "conv1"]),
+                                       UNet2DConditionModel.from_pretrained(str(unet_dir), subfolder="unet"))
+    for name, param in lora.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn_like(param) * 0.1
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in get_peft_model_state_dict(lora).items()})
+    sgm = {}
+    for key, value in kohya.items():
+        module, _, suffix = key.partition(".")
+        dotted = load_adapter_target(module)
+        ldm = diffusers_to_ldm_unet(dotted, 2, {1})
+        assert ldm is not None, dotted
+        sgm[f"lora_unet_{ldm.replace('.', '_')}.{suffix}"] = \
+            torch.tensor(2.0) if suffix == "alpha" else value.contiguous()
+    sgm_file = tmp_path / "sdxl_kohya.safetensors"
+    save_file(sgm, str(sgm_file))
+    assert any("input_blocks" in k for k in sgm)
+
+    # diffusers' own reading of the SGM-named kohya file (it needs the UNet config to map the blocks)
+    reference = UNet2DConditionModel.from_pretrained(str(unet_dir), subfolder="unet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(sgm_file), unet_config=reference.config)
+        reference.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name="k")
+        reference.fuse_lora(lora_scale=1.0)
+    expected = {k.replace(".base_layer.", "."): v for k, v in reference.state_dict().items() if ".lora_" not in k}
+
+    converted = tmp_path / "converted.safetensors"
+    result = run_cli("convert", sgm_file, "--to", "diffusers", "--out", converted, "--json", check=True)
+    assert any("SGM" in w for w in json.loads(result.stdout)["warnings"])
+    with safe_open(str(converted), "pt") as handle:
+        assert not any("input_blocks" in k for k in handle.keys())
+    fused = reference_fused_unet_state_dict(unet_dir, converted)
+    base = UNet2DConditionModel.from_pretrained(str(unet_dir), subfolder="unet").state_dict()
+    changed = [k for k in expected if not torch.equal(expected[k], base[k])]
+    assert len(changed) >= 6
+    for key in expected:
+        torch.testing.assert_close(fused[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def load_adapter_target(kohya_module: str) -> str:
+    """diffusers' own converter wrote `lora_unet_<path>`; its dotted path without the `unet.`."""
+    from lorahub.formats.common import kohya_to_target
+
+    return kohya_to_target(kohya_module).removeprefix("unet.")

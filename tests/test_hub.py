@@ -407,3 +407,30 @@ def test_every_adapter_command_takes_hf_references(hub_env, adapter_repo, peft_l
         load_file(str(tmp_path / "merged_local" / "model.safetensors")).keys()
     for key, value in load_file(str(tmp_path / "merged" / "model.safetensors")).items():
         assert value.equal(load_file(str(tmp_path / "merged_local" / "model.safetensors"))[key])
+
+
+def test_pull_out_never_leaves_a_partial_file(hub_env, adapter_repo, peft_lora_dir, tmp_path, monkeypatch):
+    """A copy into --out that fails half-way (disk full) leaves no truncated file and no temporaries."""
+    import shutil as real_shutil
+    import types
+
+    import lorahub.hub as hub
+
+    calls = []
+
+    def copyfile(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the second file: half written, then the disk is full
+            Path(dst).write_bytes(Path(src).read_bytes()[: Path(src).stat().st_size // 2])
+            raise OSError(28, "No space left on device", str(dst))
+        return real_shutil.copyfile(src, dst)
+
+    monkeypatch.setattr(hub, "shutil", types.SimpleNamespace(copyfile=copyfile))
+    out = tmp_path / "copy"
+    result = run(hub_env, "pull", adapter_repo[0], "--out", out, ok=False)
+    assert "No space left" in error_line(result)
+    left = sorted(p.name for p in out.iterdir())
+    assert all(name in ("adapter_config.json", "adapter_model.safetensors") for name in left), left
+    for name in left:
+        assert (out / name).read_bytes() == (peft_lora_dir / name).read_bytes()
+    assert "adapter_config.json" not in left  # the config, which marks a PEFT folder, comes last

@@ -70,3 +70,67 @@ def test_conv_dora_kohya_scale_on_output_axis(tmp_path):
         "base_model.model.conv.lora_magnitude_vector"]
     assert tuple(scale.shape) == (6, 1, 1, 1)
     assert torch.equal(scale.reshape(-1), magnitude.reshape(-1))
+
+
+def test_kohya_input_axis_dora_scale_is_refused(tmp_path):
+    """LyCORIS with wd_on_out=False stores a per-input-column `dora_scale` (1, in). Its math is not
+    the per-output-row DoRA lorahub merges; for a square layer the shapes cannot tell, so the
+    merge would be silently wrong. It must be refused with a one-line error."""
+    from safetensors.torch import save_file
+
+    from lorahub.errors import LorahubError
+
+    name = "lora_unet_mid_block_attentions_0_proj_in"
+    path = tmp_path / "dora.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.randn(2, 8), f"{name}.lora_up.weight": torch.randn(8, 2),
+               f"{name}.alpha": torch.tensor(2.0), f"{name}.dora_scale": torch.rand(1, 8)}, str(path))
+    adapter = load_adapter(path)
+    try:
+        adapter.require_lora("merge")
+    except LorahubError as exc:
+        assert "dora_scale" in str(exc)
+    else:
+        raise AssertionError("an input-axis dora_scale was accepted")
+
+
+def test_bad_number_in_peft_config_is_one_line_error(tmp_path, peft_lora_dir):
+    import json
+    import shutil
+
+    from cli_runner import run_cli
+
+    adapter = tmp_path / "a"
+    shutil.copytree(peft_lora_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for key, value in (("r", "eight"), ("lora_alpha", [16]), ("rank_pattern", {"q_proj": "x"})):
+        broken = {**config, key: value}
+        (adapter / "adapter_config.json").write_text(json.dumps(broken))
+        result = run_cli("inspect", adapter)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "adapter_config.json" in result.stderr and key in result.stderr
+
+
+def test_paths_with_brackets_are_printed_verbatim(tmp_path, kohya_unet_file):
+    """File names may contain '[...]' (rich markup syntax): messages must show them as they are."""
+    from cli_runner import run_cli
+
+    missing = tmp_path / "x[bold]y.safetensors"
+    result = run_cli("inspect", missing)
+    assert result.returncode == 1
+    assert "x[bold]y.safetensors" in result.stderr
+
+    out = tmp_path / "out[/red]"
+    result = run_cli("convert", kohya_unet_file, "--to", "diffusers", "--out", out / "a.safetensors")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "out[/red]" in result.stdout
+
+
+def test_colons_in_paths_are_not_emoji_codes(tmp_path):
+    """'name:abc:' must not turn into an emoji (rich's :code: syntax) in messages."""
+    from cli_runner import run_cli
+
+    result = run_cli("inspect", tmp_path / "a:smile:b.safetensors")
+    assert result.returncode == 1
+    assert "a:smile:b.safetensors" in result.stderr

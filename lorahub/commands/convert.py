@@ -5,7 +5,7 @@ import click
 
 from ..cliutil import adapter_input_options, open_adapter
 from ..convert import convert_adapter
-from ..ui import console, json_option, print_json
+from ..ui import console, json_option, print_json, warn
 
 
 @click.command("convert")
@@ -33,6 +33,6 @@ def convert_command(src, to_format, out, drop_full_tensors, input_format, allow_
         print_json(result)
     else:
         console.print(f"converted {result['modules']} modules from {result['from']} to {result['to']}: "
-                      f"{result['out']}")
+                      f"{result['out']}", markup=False)
         for warning in result["warnings"]:
-            console.print(f"[yellow]warning:[/] {warning}")
+            warn(warning)

@@ -12,7 +12,8 @@ from ..errors import LorahubError
 from .common import (COMPONENTS, COMPONENTS_METADATA, TensorSource, check_pair, layer_kind, missing_partner,
                      peft_magnitude)
 from .kohya import LAYERS_METADATA, layer_entry, read_layers_metadata
-from .peft import pattern_value
+from .common import component_of, infer_component
+from .peft import lora_config_fields, pattern_value
 
 NAME = "diffusers"
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"
@@ -109,19 +110,38 @@ def _adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
 
 
 def write(adapter: Adapter, out: Path) -> Path:
-    """One .safetensors file, keys `<target>.lora_A.weight` with a 0-d `<target>.alpha` per module
-    (diffusers reads those as network alphas), so every layer keeps its exact scale."""
+    """One .safetensors file, keys `<component>.<path>.lora_A.weight`. Each component's LoraConfig
+    (r, lora_alpha, exact rank/alpha patterns) goes into the `lora_adapter_metadata` JSON, which is
+    what diffusers' `load_lora_weights` reads for PEFT-style files: every layer keeps its exact scale.
+    Adapters without components (a transformers model's LoRA) carry a 0-d `<target>.alpha` instead."""
     adapter.require_lora("writing diffusers format")
     tensors: dict[str, torch.Tensor] = {}
-    for layer in adapter.layers.values():
-        base = layer.target
+    configs: dict[str, object] = {}
+    keyed = {layer.target: layer for layer in adapter.layers.values()}
+    has_components = adapter.has_components
+    if not has_components:
+        inferred = {target: infer_component(target) for target in keyed}
+        if keyed and all(inferred.values()):  # a PEFT adapter saved on a UNet/transformer alone
+            keyed = {f"{inferred[target]}.{target}": layer for target, layer in keyed.items()}
+            has_components = True
+    if has_components:
+        by_component: dict[str, list[tuple[str, LoraLayer]]] = {}
+        for key, layer in keyed.items():
+            by_component.setdefault(component_of(key), []).append((key, layer))
+        for component, items in by_component.items():
+            # pattern names are relative to the component (an inferred component is not in the target)
+            inner = (lambda target, c=component: target[len(c) + 1:] if target.startswith(c + ".") else target)
+            fields = lora_config_fields([layer for _, layer in items], inner)
+            configs.update({f"{component}.{key}": value for key, value in fields.items()})
+    for base, layer in keyed.items():
         if layer.kind == "embedding":
             tensors[f"{base}.lora_embedding_A"] = layer.A.load().contiguous()
             tensors[f"{base}.lora_embedding_B"] = layer.B.load().contiguous()
         else:
             tensors[f"{base}.lora_A.weight"] = layer.A.load().contiguous()
             tensors[f"{base}.lora_B.weight"] = layer.B.load().contiguous()
-        tensors[f"{base}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
+        if not has_components:
+            tensors[f"{base}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
         if layer.magnitude is not None:
             tensors[f"{base}.lora_magnitude_vector"] = peft_magnitude(layer)
         if layer.bias is not None:
@@ -129,9 +149,10 @@ def write(adapter: Adapter, out: Path) -> Path:
     if adapter.full_tensors:
         raise LorahubError("diffusers LoRA files cannot carry full replacement tensors (modules_to_save: "
                            f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)
-    metadata = {"format": "pt", COMPONENTS_METADATA: "1" if adapter.has_components else "0", LAYERS_METADATA: json.dumps(
-        {layer.target: layer_entry(layer) for layer in adapter.layers.values() if layer.fan_in_fan_out},
-        sort_keys=True)}
+    metadata = {"format": "pt", COMPONENTS_METADATA: "1" if has_components else "0", LAYERS_METADATA: json.dumps(
+        {key: layer_entry(layer) for key, layer in keyed.items() if layer.fan_in_fan_out}, sort_keys=True)}
+    if configs:
+        metadata["lora_adapter_metadata"] = json.dumps(configs, sort_keys=True)
     if adapter.base_model:
         metadata["lorahub.base_model"] = adapter.base_model
     out.parent.mkdir(parents=True, exist_ok=True)

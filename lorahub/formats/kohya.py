@@ -89,6 +89,10 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         # missing alpha means alpha = rank (scale 1), as kohya, A1111 and diffusers read it
         alpha = source.scalar(keys["alpha"]) if "alpha" in keys else float(rank)
         magnitude = source.lazy(keys["dora"]) if "dora" in keys else None
+        if magnitude is not None and len(magnitude.shape) == 2 and magnitude.shape[0] == 1 < magnitude.shape[1]:
+            # LyCORIS wd_on_out=False: one norm per input column, not the per-row DoRA lorahub applies
+            adapter.unsupported_variant = adapter.unsupported_variant or \
+                "input-axis DoRA (dora_scale of shape (1, in), LyCORIS wd_on_out=False)"
         entry = known.get(module, {})
         adapter.layers[target] = LoraLayer(
             target=target, kind=entry.get("kind") or layer_kind(down.shape), A=down, B=up, alpha=alpha,

@@ -95,8 +95,17 @@ def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
             else:
                 adapter.full_tensors[_qualify(component, base_name)] = source.lazy(key)
 
-    default_r = int(config.get("r", 8))
-    default_alpha = float(config.get("lora_alpha", default_r))
+    def number(key: str, value, cast):
+        try:
+            return cast(value)
+        except (TypeError, ValueError):
+            raise LorahubError(f"'{key}' must be a number, found {value!r}", path=config_path) from None
+
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise LorahubError(f"'{key}' must be an object {{pattern: value}}", path=config_path)
+    default_r = number("r", config.get("r", 8), int)
+    default_alpha = number("lora_alpha", config.get("lora_alpha", default_r), float)
     use_rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     for module, keys in groups.items():
@@ -110,12 +119,12 @@ def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
             raise missing_partner(weights, present, PREFIX + missing + ("" if embedding else ".weight"))
         down, up = source.lazy(keys[down_label]), source.lazy(keys[up_label])
         rank = check_pair(weights, module, keys[down_label], keys[up_label], down, up)
-        config_rank = int(pattern_value(config.get("rank_pattern"), module, default_r))
+        config_rank = number("rank_pattern", pattern_value(config.get("rank_pattern"), module, default_r), int)
         if config_rank != rank:
             raise LorahubError(f"rank {rank} in the tensors but {config_rank} in {CONFIG} "
                                f"(r / rank_pattern); PEFT would refuse to load it", path=weights,
                                key=keys[down_label])
-        alpha = float(pattern_value(config.get("alpha_pattern"), module, default_alpha))
+        alpha = number("alpha_pattern", pattern_value(config.get("alpha_pattern"), module, default_alpha), float)
         leaf = module.rsplit(".", 1)[-1]
         adapter.layers[_qualify(component, module)] = LoraLayer(
             target=_qualify(component, module), kind=layer_kind(down.shape, embedding),
@@ -135,24 +144,11 @@ def _pattern_key(name: str) -> str:
     return "^" + re.escape(name) + "$"
 
 
-def write(adapter: Adapter, out: Path) -> Path:
-    """Write a PEFT directory that PEFT itself loads; out is the directory."""
-    components = {component_of(t) for t in list(adapter.layers) + list(adapter.full_tensors)} \
-        if adapter.has_components else {None}
-    if len(components) > 1:
-        raise LorahubError(f"a PEFT directory holds one model, this adapter has components "
-                           f"{sorted(c or '(none)' for c in components)}; use --to diffusers or --to kohya",
-                           path=adapter.path)
-    component = next(iter(components)) if components else None
-    strip = (lambda name: name[len(component) + 1:]) if component else (lambda name: name)
-
-    layers = list(adapter.layers.values())
-    if not layers:
-        raise LorahubError("adapter has no LoRA layers to write", path=adapter.path)
-    rslora = {layer.use_rslora for layer in layers}
-    use_rslora = rslora == {True}
-    ranks = Counter(layer.rank for layer in layers)
-    r = ranks.most_common(1)[0][0]
+def lora_config_fields(layers: list[LoraLayer], strip=lambda name: name) -> dict:
+    """The LoraConfig fields that give every layer its exact rank and scale: one `r`/`lora_alpha` (the
+    most common rank and its alpha) plus `^name$` rank/alpha patterns where a layer differs."""
+    use_rslora = {layer.use_rslora for layer in layers} == {True}
+    r = Counter(layer.rank for layer in layers).most_common(1)[0][0]
 
     def alpha_of(layer: LoraLayer) -> float:
         # one use_rslora flag per file: re-express alpha so each layer keeps its exact scale
@@ -168,23 +164,39 @@ def write(adapter: Adapter, out: Path) -> Path:
         if layer.rank != r:
             rank_pattern[_pattern_key(name)] = layer.rank
         if alpha_of(layer) != lora_alpha:
-            alpha_pattern[_pattern_key(name)] = alpha_of(layer)
-
-    config = dict(adapter.config) if adapter.format == NAME else {}
-    config.update({
+            alpha_pattern[_pattern_key(name)] = _number(alpha_of(layer))
+    return {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": _number(lora_alpha),
         "use_rslora": use_rslora,
         "rank_pattern": rank_pattern,
-        "alpha_pattern": {k: _number(v) for k, v in alpha_pattern.items()},
+        "alpha_pattern": alpha_pattern,
         # full module names: PEFT matches list entries exactly or as a '.'-suffix
         "target_modules": sorted(strip(layer.target) for layer in layers),
         "use_dora": any(layer.is_dora for layer in layers),
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
         "lora_bias": any(layer.bias is not None for layer in layers),
-        "base_model_name_or_path": adapter.base_model,
-    })
+    }
+
+
+def write(adapter: Adapter, out: Path) -> Path:
+    """Write a PEFT directory that PEFT itself loads; out is the directory."""
+    components = {component_of(t) for t in list(adapter.layers) + list(adapter.full_tensors)} \
+        if adapter.has_components else {None}
+    if len(components) > 1:
+        raise LorahubError(f"a PEFT directory holds one model, this adapter has components "
+                           f"{sorted(c or '(none)' for c in components)}; use --to diffusers or --to kohya",
+                           path=adapter.path)
+    component = next(iter(components)) if components else None
+    strip = (lambda name: name[len(component) + 1:]) if component else (lambda name: name)
+
+    layers = list(adapter.layers.values())
+    if not layers:
+        raise LorahubError("adapter has no LoRA layers to write", path=adapter.path)
+    config = dict(adapter.config) if adapter.format == NAME else {}
+    config.update(lora_config_fields(layers, strip))
+    config["base_model_name_or_path"] = adapter.base_model
     config.setdefault("bias", "none")
     config.setdefault("task_type", None)
     config.setdefault("inference_mode", True)
