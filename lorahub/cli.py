@@ -63,10 +63,8 @@ def _register_commands() -> None:
     for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
         for value in vars(module).values():
-            if isinstance(value, click.Command) and value.name not in cli.commands and \
-                    getattr(value, "__module__", module.__name__) is not None:
-                if isinstance(value, click.Command) and value is not cli:
-                    cli.add_command(value)
+            if isinstance(value, click.Command) and value is not cli and value.name not in cli.commands:
+                cli.add_command(value)
 
 
 _register_commands()

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 from .errors import LorahubError
+from .storage import atomic_path
 
 SCHEME = "hf://"
 MARK_START = "<!-- lorahub:start -->"
@@ -427,12 +428,13 @@ def pull(ref: str | HubRef, *, revision: str | None = None, include: str | None 
         root = Path(out)
         root.mkdir(parents=True, exist_ok=True)
         base = PurePosixPath(chosen[0]).parent if PurePosixPath(chosen[0]).name == PEFT_CONFIG else None
-        for f in chosen:
+        # each file lands complete or not at all; the PEFT config (chosen[0]) last, so an
+        # interrupted copy never looks like an adapter
+        for f in reversed(chosen):
             rel = PurePosixPath(f).relative_to(base) if base is not None and str(base) != "." else \
                 PurePosixPath(f).name if base is None else PurePosixPath(f)
-            dest = root / str(rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(snapshot / f, dest)  # follows the cache's symlinks
+            with atomic_path(root / str(rel)) as tmp:
+                shutil.copyfile(snapshot / f, tmp)  # follows the cache's symlinks
         local = root if base is not None else root / PurePosixPath(chosen[0]).name
     return PullResult(local, ref.repo_id, rev, commit, chosen, root, offline)
 

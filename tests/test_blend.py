@@ -570,3 +570,21 @@ def test_cat_and_full_rank_svd_are_the_exact_sum(seed, ranks, weights, rslora):
         for target, layer in result.layers.items():
             assert layer.scale == 1.0
             assert _rel(layer.delta_weight(dtype=torch.float64), exact[target]) < 2e-6
+
+
+def test_method_sv_fro_is_svd_with_that_rank_rule(tmp_path, peft_lora_dir, peft_rslora_dir):
+    """`--method sv_fro --param P` (the issue's spelling) equals `--method svd --rank-method sv_fro`."""
+    import json as _json
+
+    from cli_runner import run_cli
+
+    short = run_cli("blend", peft_lora_dir, peft_rslora_dir, "-w", "0.5,0.5", "--method", "sv_fro", "--param",
+                    "0.9", "--out", tmp_path / "a", "--json", check=True)
+    long = run_cli("blend", peft_lora_dir, peft_rslora_dir, "-w", "0.5,0.5", "--method", "svd", "--rank-method",
+                   "sv_fro", "--param", "0.9", "--out", tmp_path / "b", "--json", check=True)
+    ranks_short = [layer["rank"] for layer in _json.loads(short.stdout)["layers"]]
+    ranks_long = [layer["rank"] for layer in _json.loads(long.stdout)["layers"]]
+    assert ranks_short == ranks_long and len(set(ranks_short)) > 1
+    clash = run_cli("blend", peft_lora_dir, peft_rslora_dir, "-w", "0.5,0.5", "--method", "sv_fro",
+                    "--rank-method", "sv_ratio", "--param", "2", "--out", tmp_path / "c")
+    assert clash.returncode == 2

@@ -11,6 +11,8 @@ from ..errors import LorahubError
 from ..ui import console, json_option, print_json, step_progress, table
 
 METHOD_CHOICES = ["svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+# `--method sv_fro --param 0.99` is short for `--method svd --rank-method sv_fro --param 0.99`
+DYNAMIC_RANK_METHODS = ["sv_ratio", "sv_fro", "sv_cumulative"]
 TABLE_LIMIT = 40  # layers printed in full; beyond that the worst ones (all with --all-layers)
 
 
@@ -20,13 +22,15 @@ def blend_options(default_method: str) -> Callable:
         options = [
             click.option("--out", "-o", "out", required=True, type=click.Path(),
                          help="Output path: a directory for PEFT, a .safetensors file for kohya/diffusers."),
-            click.option("--method", type=click.Choice(METHOD_CHOICES), default=default_method,
+            click.option("--method", type=click.Choice(METHOD_CHOICES + DYNAMIC_RANK_METHODS),
+                         default=default_method,
                          show_default=True,
                          help="How to combine: cat (exact, rank Σrᵢ), svd (exact sum truncated to "
                               "--rank by the factored SVD), linear (PEFT's factor-space sum: approximate, "
                               "has cross terms BᵢAⱼ, equal ranks only), ties / dare_linear / dare_ties / "
                               "magnitude_prune (PEFT merge_utils on the dense per-layer deltas, then "
-                              "truncated SVD to --rank)."),
+                              "truncated SVD to --rank). sv_ratio / sv_fro / sv_cumulative: svd with "
+                              "that --rank-method."),
             click.option("--rank", type=click.IntRange(min=1), default=None,
                          help="Rank of svd and element-wise results (default: the largest input rank). "
                               "With --rank-method, the cap."),
@@ -126,6 +130,10 @@ def _run(adapter_args, weights, *, out, method, rank, rank_method, param, kohya_
     if len(adapter_args) != len(weights):
         raise LorahubError(f"{len(adapter_args)} adapters but {len(weights)} weights; give one weight per "
                            f"adapter")
+    if method in DYNAMIC_RANK_METHODS:
+        if rank_method not in ("fixed", method):
+            raise click.UsageError(f"--method {method} already sets the rank rule; drop --rank-method {rank_method}")
+        method, rank_method = "svd", method
     adapters = [open_adapter(arg, input_format, allow_pickle) for arg in adapter_args]
     options = BlendOptions(method=method, rank=rank, rank_method=rank_method, param=param,
                            kohya_compat=kohya_compat, density=density, majority_sign=majority_sign,

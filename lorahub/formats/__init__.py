@@ -48,10 +48,9 @@ def _single_file(path: Path) -> Path:
     candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".safetensors")
     if not candidates:
         pickles = sorted(p.name for p in path.iterdir() if p.is_file() and is_pickle_path(p))
-        hint = f" (found pickle files {', '.join(pickles)}: pass --allow-pickle)" if pickles else ""
-        if pickles:
+        if pickles:  # reading it says whether --allow-pickle is needed
             return path / pickles[0]
-        raise LorahubError(f"no adapter here: no adapter_config.json and no .safetensors file{hint}", path=path)
+        raise LorahubError("no adapter here: no adapter_config.json and no .safetensors file", path=path)
     if len(candidates) > 1:
         preferred = [p for p in candidates if p.name == diffusers.DEFAULT_FILE]
         if preferred:
