@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 from rich.table import Table
+from rich.text import Text
 
 # rich honours NO_COLOR itself; stderr carries progress and errors so stdout stays parseable
 def _make_console(stderr: bool) -> Console:
@@ -49,7 +50,8 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]], **kwargs
     for column in columns:
         out.add_column(column)
     for row in rows:
-        out.add_row(*[str(cell) for cell in row])
+        # cells hold module and file names: plain text, never markup
+        out.add_row(*[Text(str(cell)) for cell in row])
     return out
 
 

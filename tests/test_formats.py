@@ -186,7 +186,7 @@ def test_peft_unet_adapter_to_kohya_matches_peft_merge(tmp_path, tiny_unet_dir):
     PEFT's own merge_and_unload of the original."""
     from diffusers import UNet2DConditionModel
     from fixtures_models import reference_fused_unet_state_dict
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(7)
     unet = UNet2DConditionModel.from_pretrained(str(tiny_unet_dir), subfolder="unet")

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Callable
 
 import click
+from rich.markup import escape
 
 from ..cliutil import adapter_input_options, open_adapter
 from ..errors import LorahubError
@@ -172,7 +173,7 @@ def _render(report: dict, all_layers: bool) -> None:
     if summary["rel_error_max"] is not None:
         console.print(f"largest relative error against the exact weighted sum: {summary['rel_error_max']:.3g}")
     if report["dropped_full_tensors"]:
-        console.print(f"[yellow]left out full tensors:[/] {', '.join(report['dropped_full_tensors'])}")
+        console.print(f"[yellow]left out full tensors:[/] {escape(', '.join(report['dropped_full_tensors']))}")
     if summary["dropped"]:
         console.print(f"[yellow]{len(summary['dropped'])} modules left out (their sum is zero):[/] "
                       + ", ".join(summary["dropped"][:5]) + (" …" if len(summary["dropped"]) > 5 else ""))
@@ -185,4 +186,4 @@ def _render(report: dict, all_layers: bool) -> None:
     rows = [[layer["target"], "+".join(str(r) for r in layer["input_ranks"]), layer["rank"],
              _fmt(layer["energy_retained"]), f"{layer['rel_error']:.3g}", layer["note"]] for layer in layers]
     console.print(table(title, ["module", "input ranks", "rank", "energy kept", "rel. error", "note"], rows))
-    console.print(f"wrote {report['out']} ({report['format']})")
+    console.print(f"wrote {escape(str(report['out']))} ({report['format']})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+from rich.markup import escape
 
 from ..ui import console, err_console, json_option, print_json
 
@@ -9,7 +10,7 @@ from ..ui import console, err_console, json_option, print_json
 def _prompt_choice(labels: list[str]) -> int:
     err_console.print("This repository holds several adapters:")
     for i, label in enumerate(labels, 1):
-        err_console.print(f"  {i}. {label}")
+        err_console.print(f"  {i}. {escape(str(label))}")
     choice = click.prompt("Which one", type=click.IntRange(1, len(labels)), err=True)
     return choice - 1
 
@@ -55,7 +56,7 @@ def pull_command(repo, revision, out, include, no_inspect, as_json):
     click.echo(str(result.path))
     commit = f" (commit {result.commit})" if result.commit else ""
     cached = " from the local cache" if result.offline else ""
-    err_console.print(f"pulled {result.repo_id}@{result.revision}{commit}{cached}: {', '.join(result.files)}")
+    err_console.print(escape(f"pulled {result.repo_id}@{result.revision}{commit}{cached}: {', '.join(result.files)}"))
     if info is not None:
         from .inspect import render
 
@@ -96,5 +97,5 @@ def push_command(path, repo, private, revision, message, create_pr, base, as_jso
         print_json(result.as_dict())
         return
     if result.pr_url:
-        console.print(f"opened pull request {result.pr_url}")
+        console.print(escape(f"opened pull request {result.pr_url}"))
     click.echo(result.commit_url or result.repo_url)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+from rich.markup import escape
 
 from ..cliutil import FORMAT_CHOICES
 from ..ui import byte_progress, console, human_bytes, json_option, print_json, warn
@@ -63,7 +64,7 @@ def _summary(result) -> None:
     rate = f"{result.gb_per_s:.2f} GB/s" if result.seconds > 0 else "-"
     what = "merged" if result.operation == "merge" else "unmerged"
     names = ", ".join(f"{a['name']}:{a['weight']:g}" for a in result.adapters)
-    console.print(f"[green]✓[/] {what} {names} → {result.out}")
+    console.print(f"[green]✓[/] {escape(f'{what} {names} → {result.out}')}")
     how = " (exact: recorded originals restored)" if result.exact else ""
     console.print(f"  tensors changed {result.tensors_changed}{how}, copied unchanged {result.tensors_copied}; "
                   f"files rewritten {result.files_rewritten}, copied {result.files_copied}")

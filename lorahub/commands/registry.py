@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+from rich.markup import escape
 
 from ..ui import console, human_bytes, json_option, print_json, table
 
@@ -46,7 +47,7 @@ def list_command(as_json: bool) -> None:
     rows = [[ref.name, ref.repo_id or "", ref.layout or "", _params(ref.params), ref.dtype or "",
              "built-in" if ref.builtin else "user"] for ref in refs]
     console.print(table(None, ["name", "repo", "layout", "params", "dtype", "origin"], rows))
-    console.print(f"user manifests: {user_dir()}")
+    console.print(escape(f"user manifests: {user_dir()}"))
 
 
 @registry_group.command("show")
@@ -89,7 +90,7 @@ def show_command(name: str, show_tensors: bool, as_json: bool) -> None:
         grid.append(("components", ", ".join(f"{c} ({n} tensors)" for c, n in counts.items())))
     for key, value in grid:
         if value:
-            console.print(f"[bold]{key:<11}[/] {value}")
+            console.print(f"[bold]{key:<11}[/] {escape(str(value))}")
     if show_tensors:
         console.print(table(None, ["tensor", "shape", "dtype"],
                             [[t.name, list(t.shape), t.dtype] for t in base.tensors.values()]))
@@ -118,8 +119,8 @@ def add_command(spec: str, name: str, revision: str | None, force: bool, as_json
         print_json({"name": name, "path": str(path), "layout": base.layout, "tensors": len(base.tensors),
                     "params": base.num_params, "repo_id": base.repo_id, "revision": base.revision})
         return
-    console.print(f"added {name}: {len(base.tensors)} tensors, {base.num_params:,} parameters "
-                  f"({base.layout}) -> {path}")
+    console.print(escape(f"added {name}: {len(base.tensors)} tensors, {base.num_params:,} parameters "
+                         f"({base.layout}) -> {path}"))
 
 
 @registry_group.command("remove")
@@ -138,7 +139,7 @@ def remove_command(name: str, as_json: bool) -> None:
     if as_json:
         print_json({"removed": name, "path": str(path)})
     else:
-        console.print(f"removed {name} ({path})")
+        console.print(escape(f"removed {name} ({path})"))
 
 
 # lorahub.cli registers every module-level click.Command as a top-level command; the subcommands

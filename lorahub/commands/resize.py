@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from ..cliutil import adapter_input_options, open_adapter
 from ..errors import LorahubError
@@ -115,4 +116,4 @@ def resize(adapter: str, rank: int | None, method: str | None, param: float | No
         f"{summary['seconds']:.2f} s")
     if summary["zero"]:
         warn(f"{summary['zero']} layer(s) have an all-zero delta; written as rank-1 zero factors")
-    err_console.print(f"wrote {fmt} adapter to {written}")
+    err_console.print(escape(f"wrote {fmt} adapter to {written}"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+from rich.markup import escape
 
 from ..cliutil import adapter_input_options, open_adapter
 from ..ui import console, json_option, print_json, table, warn
@@ -45,7 +46,7 @@ def validate_command(ctx, adapter, base_spec, revision, max_rank, input_format, 
     if not spec:
         raise click.UsageError("the adapter does not name its base model; pass --base SRC")
     if not base_spec and not as_json:
-        console.print(f"base: {spec} (named in the adapter)")
+        console.print(escape(f"base: {spec} (named in the adapter)"))
     try:
         base = load_base(spec, revision=revision)
     except LorahubError:
@@ -61,19 +62,17 @@ def validate_command(ctx, adapter, base_spec, revision, max_rank, input_format, 
 
 
 def render(report) -> None:
-    from rich.markup import escape
-
     mark = "[green]✓[/]" if report.ok else "[red]✗[/]"
     console.print(f"{mark} {escape(report.summary)}")
     shown = report.problems[:LIMIT]
     if shown:
-        rows = [[escape(("(warning) " if p.severity == "warning" else "") + p.module), escape(p.expected),
-                 escape(p.found), escape(p.hint)] for p in shown]
+        rows = [[("(warning) " if p.severity == "warning" else "") + p.module, p.expected, p.found, p.hint]
+                for p in shown]
         console.print(table(None, ["module", "expected", "found", "hint"], rows))
         if len(report.problems) > LIMIT:
             console.print(f"… and {len(report.problems) - LIMIT} more (--json lists all)")
     for line in report.warnings:
-        warn(escape(line))
+        warn(line)
 
 
 LIMIT = 200
