@@ -558,3 +558,40 @@ def test_kill_9_keeps_previous_output(tmp_path, tiny_llama_sharded_dir, peft_lor
     _kill_mid_merge(proc, out)
     assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
     assert (out / "previous.txt").read_text() == "old merge"
+
+
+def test_merge_into_sd_single_file_checkpoint(tmp_path, tiny_unet_dir, kohya_unet_file):
+    """A kohya LoRA (diffusers module names) merged into a Stable Diffusion single-file checkpoint
+    (original LDM keys `model.diffusion_model.input_blocks…`) equals diffusers' own fuse_lora.
+
+    The checkpoint is checked with diffusers' own `convert_ldm_unet_checkpoint` (it must map back to
+    the saved UNet exactly), and the merged file is read back through the same converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from lorahub.names import diffusers_to_ldm_unet
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_unet_dir), subfolder="unet")
+    config = dict(unet.config)
+    up_attn = {i for i, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind}
+    state = unet.state_dict()
+    checkpoint = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        checkpoint[f"model.diffusion_model.{diffusers_to_ldm_unet(module, config['layers_per_block'], up_attn)}"
+                   f".{param}"] = value.contiguous()
+    back = convert_ldm_unet_checkpoint(dict(checkpoint), config)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    single = tmp_path / "sd_tiny.safetensors"
+    save_file(checkpoint, str(single))
+
+    result = CliRunner().invoke(cli, ["merge", "--base", str(single), str(kohya_unet_file), "--out",
+                                      str(tmp_path / "merged"), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    merged_file = tmp_path / "merged" / "sd_tiny.safetensors"
+    merged = convert_ldm_unet_checkpoint(load_file(str(merged_file)), config)
+    expected = reference_fused_unet_state_dict(tiny_unet_dir, kohya_unet_file)
+    changed = [k for k in state if not torch.equal(expected[k], state[k])]
+    assert len(changed) >= 40
+    for key in state:
+        torch.testing.assert_close(merged[key], expected[key], rtol=2e-7, atol=1e-8)
