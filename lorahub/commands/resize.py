@@ -67,12 +67,16 @@ def resize(adapter: str, rank: int | None, method: str | None, param: float | No
 
     method = method or ("fixed" if param is None else None)
     if method is None:
-        raise LorahubError("--param needs --method (sv_ratio, sv_fro or sv_cumulative)")
+        raise click.UsageError("--param needs --method (sv_ratio, sv_fro or sv_cumulative)")
     if method == "fixed" and param is not None:
-        raise LorahubError("--param only applies to --method sv_ratio, sv_fro or sv_cumulative")
+        raise click.UsageError("--param only applies to --method sv_ratio, sv_fro or sv_cumulative")
     if out.exists() and not force:
         raise LorahubError("output exists (pass --force to overwrite)", path=out)
     source = open_adapter(adapter, input_format, allow_pickle)
+    fmt = to_format or (source.format if source.format in ("peft", "kohya", "diffusers") else "peft")
+    if fmt == "peft" and out.suffix == ".safetensors":  # before the work, not after it
+        raise LorahubError("PEFT output is a directory; give a directory for --out or pass --to kohya/diffusers",
+                           path=out)
     out_dtype = getattr(torch, SAVE_DTYPES[save_dtype]) if SAVE_DTYPES[save_dtype] else None
     try:
         torch_device = torch.device(device)
@@ -85,10 +89,6 @@ def resize(adapter: str, rank: int | None, method: str | None, param: float | No
             source, rank=rank, method=method, param=param, conv_rank=conv_rank, kohya_compat=kohya_compat,
             split=split, device=torch_device, compute_dtype=torch.float64 if use_fp64 else torch.float32,
             out_dtype=out_dtype, progress=advance)
-    fmt = to_format or (source.format if source.format in ("peft", "kohya", "diffusers") else "peft")
-    if fmt == "peft" and out.suffix == ".safetensors":
-        raise LorahubError("PEFT output is a directory; give a directory for --out or pass --to kohya/diffusers",
-                           path=out)
     written = save_adapter(resized, out, format=fmt)
     summary = report.summary()
     if as_json:
@@ -111,7 +111,7 @@ def resize(adapter: str, rank: int | None, method: str | None, param: float | No
     console.print(
         f"{summary['resized']} of {summary['layers']} layers resized, {summary['kept']} kept; "
         f"energy retained: mean {_pct(summary['mean_energy_retained'])}, worst "
-        f"{_pct(summary['worst_energy_retained'])}" + (f" ({worst.target})" if worst else "") +
+        f"{_pct(summary['worst_energy_retained'])}" + (f" ({escape(worst.target)})" if worst else "") +
         f"; parameters {summary['old_params']:,} → {summary['new_params']:,}; "
         f"{summary['seconds']:.2f} s")
     if summary["zero"]:
