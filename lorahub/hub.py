@@ -507,14 +507,6 @@ def _remote_header_bytes(repo_id: str, filename: str, revision: str | None, toke
     return header_len, raw, total
 
 
-def remote_safetensors_header(repo_id: str, filename: str, revision: str | None = None, token: str | None = None):
-    """Like `storage.read_header`, for a file on the Hub (a `SafetensorsHeader`, path = hf://…)."""
-    from .storage import parse_header_bytes
-
-    _, raw, total = _remote_header_bytes(repo_id, filename, revision, token)
-    return parse_header_bytes(raw, f"hf://{repo_id}/{filename}", total)
-
-
 def list_repo_files(repo_id: str, revision: str | None = None, token: str | None = None) -> tuple[str | None, list[str]]:
     """(commit sha, files) of a repo at a revision, with lorahub's error messages."""
     token = current_token(token)
@@ -523,13 +515,6 @@ def list_repo_files(repo_id: str, revision: str | None = None, token: str | None
             snapshot = _cached_snapshot(repo_id, revision or "main", token)
             return snapshot.name, _local_files(snapshot)
         return _list_remote(repo_id, revision or "main", token)
-
-
-def download_file(repo_id: str, filename: str, revision: str | None = None, token: str | None = None) -> Path:
-    """One file into the HF cache (e.g. a base model's config.json), with lorahub's error messages."""
-    token = current_token(token)
-    with hub_errors(repo_id, revision, filename, token=token):
-        return Path(_client().hf_hub_download(repo_id, filename, revision=revision, token=token))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -209,11 +209,6 @@ def file_hashes(path: Path | str) -> dict[str, str]:
     return hashes
 
 
-def data_section_sha256(path: Path | str) -> str:
-    header = read_header(path)
-    return _sha256_range(Path(path), header.data_start)
-
-
 def legacy_hash_of_bytes(data: bytes) -> str:
     """kohya `sshs_legacy_hash`: sha256 of the 0x10000 bytes at offset 0x100000, first 8 hex."""
     return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]

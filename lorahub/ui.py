@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -103,5 +102,3 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def exit_with(code: int) -> None:
-    sys.exit(code)

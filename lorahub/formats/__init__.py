@@ -17,15 +17,6 @@ FORMATS = ("peft", "kohya", "diffusers")
 READ_FORMATS = FORMATS + ("lycoris",)
 
 
-def detect_format(path: Path, *, allow_pickle: bool = False) -> str:
-    path = Path(path)
-    if peft.detect(path):
-        return "peft"
-    file = _single_file(path)
-    keys = TensorSource(file, allow_pickle=allow_pickle).keys()
-    return _format_from_keys(file, keys)
-
-
 def _format_from_keys(file: Path, keys: list[str]) -> str:
     if kohya.looks_like(keys):
         return "lycoris" if kohya.lycoris_keys(keys) else "kohya"
@@ -95,10 +86,6 @@ def _strip_peft_prefix(adapter: Adapter) -> None:
         layer.target = target[len(peft.PREFIX):] if target.startswith(peft.PREFIX) else target
         renamed[layer.target] = layer
     adapter.layers = renamed
-
-
-def default_output_name(format: str) -> str:
-    return {"peft": "", "kohya": ".safetensors", "diffusers": ".safetensors"}[format]
 
 
 def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import TORCH_TO_ST, LazyTensor, LoraLayer
+from ..adapter import LazyTensor, LoraLayer
 from ..errors import LorahubError
 from ..storage import SafetensorsHeader, is_pickle_path, load_pickle_state_dict, read_header
 
@@ -75,10 +75,6 @@ def check_pair(path: Path, name: str, down_key: str, up_key: str, down: LazyTens
 
 def missing_partner(path: Path, present_key: str, missing_key: str) -> LorahubError:
     return LorahubError(f"'{present_key}' has no matching '{missing_key}'", path=path)
-
-
-def tensor_dtype_name(tensor: torch.Tensor) -> str:
-    return TORCH_TO_ST.get(tensor.dtype, str(tensor.dtype))
 
 
 def peft_magnitude(layer: LoraLayer) -> torch.Tensor:
