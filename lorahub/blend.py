@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from .adapter import Adapter, LazyTensor, LoraLayer, ST_DTYPES
+from .devices import map_layers, resolve_device
 from .errors import LorahubError, UnsupportedError
 from .lowrank import LowRankSVD, choose_rank, factored_svd_sum, retention, split_factors
 
@@ -532,18 +531,6 @@ def _check_options(opts: BlendOptions, n_adapters: int, n_weights: int) -> None:
         raise LorahubError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {opts.dtype!r}")
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise LorahubError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LorahubError("--device cuda was asked for but CUDA is not available")
-    return resolved
-
-
 def _output_dtype(adapters: Sequence[Adapter], opts: BlendOptions) -> torch.dtype:
     if opts.dtype is not None:
         return OUTPUT_DTYPES[opts.dtype]
@@ -605,7 +592,8 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
         return entry, replace(new, magnitude=None, bias=bias)
 
     layers: dict[str, LoraLayer] = {}
-    for entry, layer in _map_layers(one_layer, targets, device, opts):
+    for entry, layer in map_layers(one_layer, targets, device=device, workers=opts.workers,
+                                   parallel=opts.method not in ELEMENTWISE, name="lorahub-blend"):
         report.layers.append(entry)
         if layer is not None:
             layers[entry.target] = layer
@@ -624,39 +612,6 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     out = Adapter(path=None, format=to or first.format, layers=layers, full_tensors=full_tensors,
                   base_model=first.base_model, config=config, metadata=metadata, files=[])
     return BlendResult(adapter=out, report=report)
-
-
-def _map_layers(job: Callable[[str], Any], targets: list[str], device: torch.device,
-                opts: BlendOptions) -> Iterator[Any]:
-    """Run `job` over the layers, in order.
-
-    The factored methods on a CPU run layers side by side, one BLAS thread each: their QRs of
-    n×R panels use many threads poorly (16-core CPU: 5.8 vs 13 ms per 7B layer). The element-wise
-    methods (dense n×k matrices, large SVDs) and CUDA run one layer at a time with every thread.
-    """
-    workers = opts.workers
-    if workers is None:
-        workers = torch.get_num_threads() if device.type == "cpu" and opts.method not in ELEMENTWISE else 1
-    workers = max(1, min(int(workers), len(targets)))
-    if workers == 1:
-        for target in targets:
-            yield job(target)
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorahub-blend") as pool:
-            # bounded look-ahead keeps at most ~2·workers layers' tensors alive
-            pending: deque = deque()
-            queue = iter(targets)
-            for target in queue:
-                pending.append(pool.submit(job, target))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def interpolate(a: Adapter, b: Adapter, t: float, options: BlendOptions | None = None, **kwargs: Any) -> BlendResult:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .devices import device_of
 from .errors import LorahubError
 
 __all__ = [
@@ -81,14 +82,6 @@ class LowRankSVD:
         return (self.U[:, :r] * self.S[:r]) @ self.Vh[:r]
 
 
-def _resolve_device(device, *tensors: Tensor) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for t in tensors:
-        return t.device
-    return torch.device("cpu")
-
-
 class _FactoredSVD:
     """The exact SVD of up @ down kept in factored form: Householder QRs of both factors + core SVD.
 
@@ -104,7 +97,7 @@ class _FactoredSVD:
         r2, k = down.shape
         if r != r2:
             raise ValueError(f"inner dimensions differ: up {tuple(up.shape)} @ down {tuple(down.shape)}")
-        dev = _resolve_device(device, up)
+        dev = device_of(device, up)
         B = up.to(device=dev, dtype=compute_dtype)
         A = down.to(device=dev, dtype=compute_dtype)
         self.n, self.r, self.k = n, r, k
@@ -206,7 +199,7 @@ def factored_svd_sum(terms: list[tuple[float, Tensor, Tensor]], *,
                      compute_dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None) -> LowRankSVD:
     """Exact thin SVD of Σ c_i·up_i@down_i, in O((n + k)·R²) with R = Σ r_i."""
-    dev = _resolve_device(device, terms[0][1]) if terms else None
+    dev = device_of(device, terms[0][1]) if terms else None
     up, down = stack_terms([(c, u.to(dev), d.to(dev)) for c, u, d in terms], dtype=compute_dtype)
     return factored_svd(up, down, compute_dtype=compute_dtype, device=dev)
 

@@ -45,6 +45,7 @@ import torch
 
 from . import __version__
 from .adapter import ST_DTYPES, ST_ITEMSIZE, Adapter, LazyTensor, LoraLayer
+from .devices import exact_fp32_matmul, resolve_device
 from .errors import CheckFailed, LorahubError, UnsupportedError
 from .storage import (PICKLE_SUFFIXES, SafetensorsHeader, TensorInfo, atomic_path, file_sha256,
                       read_header)
@@ -726,26 +727,6 @@ def _file_jobs(layout: BaseLayout, plans: Sequence[TensorPlan], out_dir: Path, o
 # device handling
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    spec = str(device or "auto").lower()
-    if spec == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        resolved = torch.device(spec)
-    except RuntimeError:
-        raise LorahubError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LorahubError(f"device '{device}' requested but CUDA is not available")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise LorahubError(f"device '{device}' requested but only {torch.cuda.device_count()} CUDA device(s)")
-    elif resolved.type != "cpu":
-        raise LorahubError(f"unsupported device '{device}' (use auto, cpu, cuda or cuda:N)")
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", torch.cuda.current_device())
-    return resolved
-
-
 class _Slot:
     """Buffers for one tensor in flight: bytes read, bytes to write; on CUDA a stream and scratch."""
 
@@ -1144,7 +1125,7 @@ def _execute(layout: BaseLayout, plans: list[TensorPlan], out: Path, *, out_dtyp
         total = sum(job.out_size for job in jobs)
         if device.type == "cuda":
             _preload_factors(plans, device)
-            stack.enter_context(_exact_fp32_matmul())
+            stack.enter_context(exact_fp32_matmul())
             stack.enter_context(torch.cuda.device(device))
         advance = stack.enter_context(progress(total)) if progress is not None else (lambda n: None)
         pipeline = _Pipeline(device, slots, in_size, out_size, advance)
@@ -1188,17 +1169,6 @@ def _preload_factors(plans: Sequence[TensorPlan], device: torch.device) -> None:
             if op.norm is not None:
                 op.norm = op.norm.to(device=device, dtype=torch.float32)
     torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def _exact_fp32_matmul():
-    """No TF32 (or bf16) shortcuts in fp32 GEMMs while merging, whatever the caller configured."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _attach_originals(jobs: list[_TensorJob], undo_source: Path | None) -> None:

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from .adapter import ST_DTYPES, Adapter, LoraLayer
+from .devices import map_layers
 from .errors import LorahubError, UnsupportedError
 from .lowrank import METHODS, _FactoredSVD, choose_rank, retention, split_factors
 
@@ -227,7 +228,8 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
                                       old_rank=layer.rank, zero=zero, old_alpha=layer.alpha, **entry, **stats)
 
     new_layers: dict[str, LoraLayer] = {}
-    for new_layer, entry in _map_layers(one, list(adapter.layers.items()), device, workers):
+    for new_layer, entry in map_layers(one, list(adapter.layers.items()), device=device, workers=workers,
+                                             name="lorahub-resize"):
         new_layers[entry.target] = new_layer
         report.layers.append(entry)
         if progress:
@@ -241,50 +243,6 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
     report.old_params = adapter.num_params
     report.new_params = out.num_params
     return out, report
-
-
-def _map_layers(fn, items: list, device, workers: int | None):
-    """fn over items in order; on the CPU in a thread pool with single-threaded torch ops."""
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if workers is None:
-        workers = torch.get_num_threads() if on_cpu else 0
-    if not on_cpu or workers <= 1 or len(items) < 2:
-        if on_cpu and workers == 1:
-            with _torch_threads(1):
-                yield from map(fn, items)
-        else:
-            yield from map(fn, items)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with _torch_threads(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorahub-resize") as pool:
-        # bounded look-ahead: at most 2·workers layers in flight (memory stays ~ a few layers)
-        pending = []
-        iterator = iter(items)
-        for item in iterator:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * workers:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
-
-
-class _torch_threads:
-    """Temporarily set torch's intra-op thread count."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.saved = None
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        if self.saved != self.n:
-            torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is not None and torch.get_num_threads() != self.saved:
-            torch.set_num_threads(self.saved)
 
 
 def _resized_metadata(adapter: Adapter, report: ResizeReport) -> dict[str, str]:
