@@ -42,6 +42,7 @@ import torch
 
 # bench/common.py (bench/ is on sys.path when this runs as a script); it puts the repository root there too
 from common import BLOCKS, fmt_s, make_adapter, print_cpu_model, sync, timed
+
 from lorahub.adapter import Adapter, LoraLayer
 from lorahub.blend import blend
 from lorahub.formats import load_adapter, save_adapter

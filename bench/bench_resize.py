@@ -35,6 +35,7 @@ import torch
 
 # bench/common.py (bench/ is on sys.path when this runs as a script); it puts the repository root there too
 from common import BLOCKS, PROJ, fmt_s, make_adapter, print_cpu_model, proj_shapes, sync, timed
+
 from lorahub.adapter import Adapter, LoraLayer
 from lorahub.formats import load_adapter, save_adapter
 from lorahub.lowrank import factored_svd

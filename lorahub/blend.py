@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, LazyTensor, LoraLayer, ST_DTYPES
+from .adapter import ST_DTYPES, Adapter, LazyTensor, LoraLayer
 from .devices import map_layers, resolve_device
 from .errors import LorahubError, UnsupportedError
 from .lowrank import LowRankSVD, choose_rank, factored_svd_sum, retention, split_factors

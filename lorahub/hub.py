@@ -165,8 +165,8 @@ class _Ctx:
 
 def translate_error(exc: BaseException, ctx: _Ctx) -> LorahubError | None:
     """One clear line for a huggingface_hub / transport exception, or None if it is not one."""
-    from huggingface_hub import utils as hfu
     from huggingface_hub import errors as hfe
+    from huggingface_hub import utils as hfu
 
     rev = ctx.revision or "main"
     where = endpoint()

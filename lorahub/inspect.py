@@ -118,8 +118,8 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
     if read_data:
         info["nonfinite"] = scan_nonfinite(adapter)
     if spectrum:
-        from .resize import layer_spectra
         from .lowrank import effective_rank
+        from .resize import layer_spectra
 
         spectra = layer_spectra(adapter)
         for entry in info["layers"]:

@@ -47,8 +47,7 @@ from . import __version__
 from .adapter import ST_DTYPES, ST_ITEMSIZE, Adapter, LazyTensor, LoraLayer
 from .devices import exact_fp32_matmul, resolve_device
 from .errors import CheckFailed, LorahubError, UnsupportedError
-from .storage import (PICKLE_SUFFIXES, SafetensorsHeader, TensorInfo, atomic_path, file_sha256,
-                      read_header)
+from .storage import PICKLE_SUFFIXES, SafetensorsHeader, TensorInfo, atomic_path, file_sha256, read_header
 
 RECORD_FILE = "lorahub_merge.json"
 UNDO_PREFIX = "lorahub_merge_undo."

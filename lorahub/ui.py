@@ -9,10 +9,10 @@ from typing import Any, Iterator
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 from rich.text import Text
+
 
 # rich honours NO_COLOR itself; stderr carries progress and errors so stdout stays parseable
 def _make_console(stderr: bool) -> Console:

@@ -16,8 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from lorahub.adapter import Adapter, LazyTensor, LoraLayer
-from lorahub.blend import (blend, check_compatible, factored_fro_norm, interpolate,
-                           merge_elementwise)
+from lorahub.blend import blend, check_compatible, factored_fro_norm, interpolate, merge_elementwise
 from lorahub.cli import cli
 from lorahub.errors import LorahubError
 from lorahub.formats import load_adapter, save_adapter
@@ -540,7 +539,8 @@ def test_kohya_and_diffusers_inputs_combine(kohya_unet_file, tmp_path):
 # properties on random in-memory adapters
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 
 def _random_adapter(seed: int, rank: int, alpha: float, rslora: bool, targets: list[str], n=12, k=10) -> Adapter:

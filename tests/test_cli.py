@@ -20,10 +20,10 @@ from pathlib import Path
 import click
 import pytest
 import torch
+from cli_runner import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cli_runner import run_cli
 from lorahub.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from fixtures_models import (
     KOHYA_ALPHA,
     KOHYA_RANK,

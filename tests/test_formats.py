@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli, run_cli_subprocess
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cli_runner import run_cli, run_cli_subprocess
 from lorahub.formats import load_adapter, save_adapter
 
 LORAHUB = [sys.executable, "-m", "lorahub.cli"]

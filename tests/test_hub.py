@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from huggingface_hub import HfApi, ModelCard, hf_hub_download
-
 from cli_runner import run_cli
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 ALL_TOKENS = ("hf_test_alice_write", "hf_test_bob_write", "hf_test_alice_read", "hf_bogus_token")
 

@@ -7,14 +7,12 @@ import os
 import struct
 from pathlib import Path
 
-import pytest
-
 import fixtures_hub
+import pytest
 
 hh = pytest.importorskip("huggingface_hub")
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download  # noqa: E402
-from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError,  # noqa: E402
-                                   RevisionNotFoundError)
+from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError  # noqa: E402
 
 
 def _safetensors_bytes(n_floats: int, metadata: dict | None = None) -> bytes:

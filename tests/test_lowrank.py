@@ -10,8 +10,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorahub.errors import LorahubError
-from lorahub.lowrank import (LowRankSVD, choose_rank, effective_rank, factored_svd, factored_svd_sum,
-                             retention, split_factors, stack_terms)
+from lorahub.lowrank import (
+    LowRankSVD,
+    choose_rank,
+    effective_rank,
+    factored_svd,
+    factored_svd_sum,
+    retention,
+    split_factors,
+    stack_terms,
+)
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

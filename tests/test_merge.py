@@ -14,19 +14,28 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from fixtures_models import peft_merged_state_dict, reference_fused_unet_state_dict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from fixtures_models import peft_merged_state_dict, reference_fused_unet_state_dict
 from lorahub.adapter import LazyTensor, LoraLayer
 from lorahub.cli import cli
 from lorahub.errors import CheckFailed, LorahubError, UnsupportedError
-from lorahub.merge import (METADATA_KEY, RECORD_FILE, UNDO_PREFIX, AdapterInput, Op, apply_ops,
-                           build_header, merge, parse_adapter_arg, unmerge)
 from lorahub.formats import load_adapter
+from lorahub.merge import (
+    METADATA_KEY,
+    RECORD_FILE,
+    UNDO_PREFIX,
+    AdapterInput,
+    Op,
+    apply_ops,
+    build_header,
+    merge,
+    parse_adapter_arg,
+    unmerge,
+)
 from lorahub.storage import read_header
-
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
+from fixtures_models import peft_merged_state_dict, reference_fused_unet_state_dict
 from safetensors.torch import load_file, save_file
 
-from fixtures_models import peft_merged_state_dict, reference_fused_unet_state_dict
 from lorahub.errors import LorahubError
 from lorahub.formats import load_adapter
 from lorahub.merge import UNDO_PREFIX, AdapterInput, merge, unmerge

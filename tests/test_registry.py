@@ -9,16 +9,16 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from cli_runner import run_cli
+from test_base import header_len
+
 from lorahub import registry
 from lorahub.base import load_base
-from test_base import header_len
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = ["llama-2-7b", "llama-3-8b", "llama-3.1-70b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b", "gemma-2-9b",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fixtures_models import load_file_state, peft_merged_state_dict, reference_fused_unet_state_dict
 from safetensors.torch import load_file
 
-from fixtures_models import load_file_state, peft_merged_state_dict, reference_fused_unet_state_dict
 from lorahub.adapter import Adapter, LazyTensor, LoraLayer
 from lorahub.cli import cli
 from lorahub.errors import LorahubError

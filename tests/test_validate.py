@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from cli_runner import run_cli
+from safetensors.torch import save_file
+from test_base import header_len, sd_single_file_from_unet, write_skeleton
+
 from lorahub import storage
 from lorahub.adapter import Adapter, LazyTensor, LoraLayer
 from lorahub.base import load_base
@@ -20,8 +21,6 @@ from lorahub.formats import load_adapter
 from lorahub.names import diffusers_to_ldm_unet, match_layers
 from lorahub.registry import load_manifest
 from lorahub.validate import validate
-from test_base import header_len, sd_single_file_from_unet, write_skeleton
-
 
 # ----------------------------------------------------------------------------------------------
 # in-memory adapters: shapes only (LazyTensors without a file; validation never loads them)

@@ -9,10 +9,18 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from .common import (COMPONENTS, COMPONENTS_METADATA, TensorSource, check_pair, layer_kind, missing_partner,
-                     peft_magnitude)
+from .common import (
+    COMPONENTS,
+    COMPONENTS_METADATA,
+    TensorSource,
+    check_pair,
+    component_of,
+    infer_component,
+    layer_kind,
+    missing_partner,
+    peft_magnitude,
+)
 from .kohya import LAYERS_METADATA, layer_entry, read_layers_metadata
-from .common import component_of, infer_component
 from .peft import lora_config_fields, pattern_value
 
 NAME = "diffusers"

@@ -13,9 +13,19 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from .common import (COMPONENTS_METADATA, KOHYA_PREFIXES, TensorSource, check_pair, component_of,
-                     kohya_dora_scale, kohya_split_prefix, kohya_to_target, layer_kind, missing_partner,
-                     target_to_kohya)
+from .common import (
+    COMPONENTS_METADATA,
+    KOHYA_PREFIXES,
+    TensorSource,
+    check_pair,
+    component_of,
+    kohya_dora_scale,
+    kohya_split_prefix,
+    kohya_to_target,
+    layer_kind,
+    missing_partner,
+    target_to_kohya,
+)
 
 NAME = "kohya"
 LYCORIS_MARKERS = {
@@ -169,11 +179,12 @@ def _fmt(value: float) -> str:
 
 def _add_kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Recompute `sshs_*` for the bytes we write, as kohya does (stale hashes mislead A1111/civitai)."""
+    import hashlib
+    import struct
+
     from safetensors.torch import save
 
     from ..storage import legacy_hash_of_bytes
-    import hashlib
-    import struct
 
     metadata.pop("sshs_model_hash", None)
     metadata.pop("sshs_legacy_hash", None)
