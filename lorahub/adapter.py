@@ -4,15 +4,8 @@ Every format reader produces an `Adapter`; every writer consumes one. Factors ar
 a file-backed reference that reads its bytes only when asked (safetensors `safe_open`), or a tensor
 already in memory (results of resize/blend/convert).
 
-Orientation: whatever the layer kind, the *math* view of a layer is ΔW = scale · B₂ · A₂ with
-A₂ = A.flatten(1) of shape (r, k) and B₂ = B.flatten(1) of shape (n, r). `delta_weight()` returns ΔW
-in the base weight's own layout:
-
-| kind        | A (native)        | B (native)      | base weight       | ΔW in base layout          |
-| linear      | (r, in)           | (out, r)        | (out, in)         | s·B·A                      |
-| linear+fifo | (r, in)           | (out, r)        | (in, out) Conv1D  | (s·B·A)ᵀ                   |
-| conv        | (r, in, kh, kw)   | (out, r, 1, 1)  | (out, in, kh, kw) | (s·B₂·A₂).reshape          |
-| embedding   | (r, num)          | (dim, r)        | (num, dim)        | (s·B·A)ᵀ                   |
+Each layer's geometry (base weight shape, orientation, how ΔW lies in the base weight) belongs to
+its kind: see `lorahub.kinds`.
 """
 from __future__ import annotations
 
@@ -24,8 +17,7 @@ from typing import Any
 import torch
 
 from .errors import LorahubError
-
-KINDS = ("linear", "conv", "embedding")
+from .kinds import LayerKind, kind_of
 
 # safetensors dtype names <-> torch dtypes
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -117,11 +109,11 @@ class LoraLayer:
     `target` is the module's dotted path as the base model names it, with a diffusers component
     prefix where the adapter has components (`unet.`, `text_encoder.`, `text_encoder_2.`,
     `transformer.`). For PEFT adapters of transformers models it is the path inside the model
-    (`model.layers.0.self_attn.q_proj`), without PEFT's `base_model.model.` prefix.
+    (`model.layers.0.self_attn.q_proj`), without PEFT's wrapper prefix.
     """
 
     target: str
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: str  # a name in lorahub.kinds.KINDS: "linear" | "conv" | "embedding"
     A: LazyTensor
     B: LazyTensor
     alpha: float
@@ -129,7 +121,7 @@ class LoraLayer:
     use_rslora: bool = False
     fan_in_fan_out: bool = False  # GPT-2 Conv1D: base weight is (in, out)
     magnitude: LazyTensor | None = None  # DoRA magnitude vector (native shape)
-    bias: LazyTensor | None = None  # lora_B.bias (lora_bias=True): added to the base bias as s·b
+    bias: LazyTensor | None = None  # the LoRA bias (PEFT lora_bias=True): added to the base bias as s·b
     source_key: str = ""  # the module prefix in the file, for messages
     # original target name if the file's name had to be guessed (kohya underscore names)
     source_name: str | None = None
@@ -155,19 +147,23 @@ class LoraLayer:
         return self.B.shape[0]
 
     @property
+    def geometry(self) -> LayerKind:
+        """The layer's kind object (Conv1D when fan_in_fan_out): shapes and orientation live there."""
+        return kind_of(self)
+
+    @property
     def kernel_size(self) -> tuple[int, ...]:
-        return tuple(self.A.shape[2:]) if self.kind == "conv" else ()
+        return self.geometry.kernel_size(self.A.shape)
+
+    @property
+    def is_spatial(self) -> bool:
+        """A k×k convolution (1×1 convolutions count as linear layers)."""
+        return self.geometry.is_spatial(self.A.shape)
 
     @property
     def base_shape(self) -> tuple[int, ...]:
         """The shape of the base weight this layer adapts."""
-        if self.kind == "conv":
-            return (self.B.shape[0], self.A.shape[1], *self.A.shape[2:])
-        if self.kind == "embedding":
-            return (self.A.shape[1], self.B.shape[0])
-        if self.fan_in_fan_out:
-            return (self.A.shape[1], self.B.shape[0])
-        return (self.B.shape[0], self.A.shape[1])
+        return self.geometry.base_shape(self.A.shape, self.B.shape)
 
     @property
     def num_params(self) -> int:
@@ -193,11 +189,7 @@ class LoraLayer:
 
     def to_base_layout(self, delta_math: torch.Tensor) -> torch.Tensor:
         """Turn an (n, k) math-view matrix into the base weight's layout."""
-        if self.kind == "conv":
-            return delta_math.reshape(self.base_shape)
-        if self.kind == "embedding" or self.fan_in_fan_out:
-            return delta_math.T
-        return delta_math
+        return self.geometry.to_base_layout(delta_math, self.base_shape)
 
     def delta_weight(self, device: torch.device | str | None = None,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -208,9 +200,7 @@ class LoraLayer:
                      use_rslora: bool | None = None) -> "LoraLayer":
         """A copy of this layer with new math-view factors (n×r', r'×k), reshaped to native shapes."""
         rank = down.shape[0]
-        if self.kind == "conv":
-            down = down.reshape(rank, *self.A.shape[1:])
-            up = up.reshape(up.shape[0], rank, *([1] * (len(self.B.shape) - 2)))
+        up, down = self.geometry.native_factors(up, down, self.A.shape, self.B.shape)
         return LoraLayer(
             target=self.target, kind=self.kind, A=LazyTensor.of(down.contiguous()),
             B=LazyTensor.of(up.contiguous()), alpha=float(rank if alpha is None else alpha), rank=rank,

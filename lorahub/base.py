@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 
 from .adapter import TensorSize
 from .errors import LorahubError
+from .formats.peft import CONFIG as PEFT_CONFIG
 from .storage import MAX_HEADER_BYTES, SafetensorsHeader, is_pickle_path, parse_header_bytes, read_header
 
 LAYOUTS = ("transformers", "diffusers", "sd-single-file", "single-file")
@@ -489,7 +490,7 @@ def _pick_weights(names: set[str], folder: str = "") -> list[str] | str | None:
 
 def _load_listing(files: _Files, source: str) -> BaseModel:
     names = set(files.listing())
-    if "adapter_config.json" in names and "config.json" not in names:
+    if PEFT_CONFIG in names and "config.json" not in names:
         raise LorahubError("this is a LoRA adapter, not a base model (pass the model it was trained on)",
                            path=files.label)
     folders = sorted({n.split("/", 1)[0] for n in names if "/" in n})
@@ -608,7 +609,6 @@ def _load_single_file(files: _Files, rel: str, source: str) -> BaseModel:
 
 
 def _looks_like_adapter(tensors: dict) -> bool:
-    return bool(tensors) and all(
-        any(marker in name for marker in (".lora_A", ".lora_B", "lora_down", "lora_up", "lora_embedding_",
-                                          ".alpha", "lora_magnitude_vector", "hada_", "lokr_", "dora_scale"))
-        for name in tensors)
+    from .formats import is_adapter_state
+
+    return is_adapter_state(list(tensors))

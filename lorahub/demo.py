@@ -61,7 +61,7 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
                 for t, layer in adapter.layers.items())
     numbers["convert_max_error"] = worst
     say("convert", f"lorahub convert {adapter_dir.name} --to kohya --out {kohya_file.name}\n"
-        f"  {len(back.layers)} modules as lora_down/lora_up/alpha; largest |ΔW| difference after the round "
+        f"  {len(back.layers)} modules in kohya's layout; largest |ΔW| difference after the round "
         f"trip: {worst:.1e}")
 
     merged_dir = workdir / "merged"

@@ -64,7 +64,7 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
     for tensor in adapter.full_tensors.values():
         dtypes[tensor.dtype] += 1
     targets = Counter(leaf_name(layer.target) for layer in layers)
-    kinds = Counter(layer.kind + (f" {'×'.join(map(str, layer.kernel_size))}" if layer.kind == "conv" else "")
+    kinds = Counter(layer.kind + (f" {'×'.join(map(str, layer.kernel_size))}" if layer.kernel_size else "")
                     for layer in layers)
     components = Counter(layer.target.split(".", 1)[0] for layer in layers
                          if layer.target.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2",

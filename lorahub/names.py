@@ -7,7 +7,7 @@ replaces) to the base tensor that holds its weight:
   adapter and the base disagree by a wrapper prefix (`transformer.h.0…` vs `h.0…` in GPT-2's own
   file, `model.` vs `model.language_model.`), the one prefix rule that matches the most targets is
   applied to all of them.
-- kohya names (`lora_unet_down_blocks_0_attentions_0_proj_in`) cannot be split back into a dotted
+- kohya names (flattened with `_`, see `lorahub.formats.kohya_names`) cannot be split back into a dotted
   path by string replacement (module names contain `_`), so they are resolved against the base's own
   names: every base module path is flattened (`.` → `_`) and looked up; several candidates are told
   apart by shape.
@@ -45,23 +45,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
+from .formats.kohya_names import is_kohya_name, kohya_candidates
+from .kinds import CONV1D_LEAVES, CONV1D_MODEL_TYPES, kind_of
+
 if TYPE_CHECKING:
     from .adapter import Adapter, LoraLayer
     from .base import BaseModel
-
-# kohya prefix -> components to try, in order ("" = the base's own top level)
-KOHYA_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "lora_unet_": ("unet", "transformer", ""),
-    "lora_transformer_": ("transformer", "unet", ""),
-    "lora_te1_": ("text_encoder", ""),
-    "lora_te2_": ("text_encoder_2", ""),
-    "lora_te3_": ("text_encoder_3", "text_encoder_2", ""),
-    "lora_te_": ("text_encoder", ""),
-}
-# model types whose c_attn/c_proj/c_fc layers are transformers' Conv1D (weight stored (in, out))
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
-CONV1D_LEAVES = {"c_attn", "c_proj", "c_fc", "q_attn", "c_attn_q"}
-
 
 @dataclass(frozen=True)
 class ModuleRef:
@@ -171,7 +160,7 @@ def match_layers(adapter: "Adapter", base: "BaseModel") -> NameMatch:
 
     rule = None
     if unresolved:
-        rule = _best_rule([t for t in unresolved if not _is_kohya(adapter.layers[t].source_name or t)],
+        rule = _best_rule([t for t in unresolved if not is_kohya_name(adapter.layers[t].source_name or t)],
                           index.modules, index.top_prefixes())
         for target in unresolved:
             layer = adapter.layers[target]
@@ -226,14 +215,14 @@ def _record(result: NameMatch, target: str, ref: ModuleRef, candidates: list[str
 def _resolve_layer(layer: "LoraLayer", index: BaseIndex) -> tuple[ModuleRef | None, list[str]]:
     """The base module a layer adapts: kohya names through the flattened index, dotted names directly."""
     raw = layer.source_name
-    if raw and _is_kohya(raw):
+    if raw and is_kohya_name(raw):
         ref, candidates = _resolve_kohya(raw, layer, index)
         if ref is not None:
             return ref, candidates
     ref = index.modules.get(layer.target)
     if ref is not None:
         return ref, []
-    if _is_kohya(layer.target):
+    if is_kohya_name(layer.target):
         return _resolve_kohya(layer.target, layer, index)
     # a guessed dotted name (kohya reader) is only as good as its flattened form
     if raw:
@@ -243,19 +232,8 @@ def _resolve_layer(layer: "LoraLayer", index: BaseIndex) -> tuple[ModuleRef | No
     return None, []
 
 
-def _is_kohya(name: str) -> bool:
-    return "." not in name and name.startswith("lora_")
-
-
 def _resolve_kohya(raw: str, layer: "LoraLayer", index: BaseIndex) -> tuple[ModuleRef | None, list[str]]:
-    for prefix in sorted(KOHYA_COMPONENTS, key=len, reverse=True):
-        if raw.startswith(prefix):
-            rest = raw[len(prefix):]
-            components = KOHYA_COMPONENTS[prefix]
-            break
-    else:
-        rest = raw[len("lora_"):]
-        components = ("",)
+    rest, components = kohya_candidates(raw)
     for component in components:
         key = f"{component}_{rest}" if component else rest
         candidates = index.flat.get(key)
@@ -370,28 +348,9 @@ def is_conv1d(base: "BaseModel", weight_name: str) -> bool:
 
 
 def layer_fits(layer: "LoraLayer", shape: tuple[int, ...] | None, conv1d: bool | None = None) -> bool:
-    """Whether a layer's factors fit a base weight of this shape (orientation by kind / Conv1D)."""
-    if shape is None or len(shape) < 2:
-        return False
-    want_in = tuple(layer.A.shape[1:])
-    out = layer.B.shape[0] if layer.B.shape else -1
-    if layer.kind == "embedding":
-        return len(shape) == 2 and want_in == (shape[0],) and out == shape[1]
-    if len(shape) == 2:
-        fifo = layer.fan_in_fan_out if conv1d is None else conv1d
-        rows, cols = (shape[1], shape[0]) if fifo else shape
-        return out == rows and _flat_in(want_in) == cols and all(d == 1 for d in want_in[1:])
-    # conv weight (out, in, kh, kw): a linear adapter fits a 1×1 kernel
-    if want_in == tuple(shape[1:]) or (len(want_in) == 1 and all(d == 1 for d in shape[2:]) and want_in[0] == shape[1]):
-        return out == shape[0]
-    return False
-
-
-def _flat_in(dims: tuple[int, ...]) -> int:
-    total = 1
-    for d in dims:
-        total *= d
-    return total
+    """Whether a layer's factors fit a base weight of this shape (its kind decides the orientation;
+    `conv1d` says what the base layer is, where known)."""
+    return kind_of(layer, conv1d).fits(layer.A.shape, layer.B.shape, shape)
 
 
 # ---------------------------------------------------------------------------------------------

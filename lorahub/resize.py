@@ -35,6 +35,7 @@ import torch
 from .adapter import ST_DTYPES, Adapter, LoraLayer
 from .devices import map_layers
 from .errors import LorahubError, UnsupportedError
+from .formats import all_formats
 from .lowrank import METHODS, _FactoredSVD, choose_rank, retention, split_factors
 
 SPLITS = ("balanced", "up")
@@ -117,11 +118,11 @@ class ResizeReport:
 
 def is_spatial_conv(layer: LoraLayer) -> bool:
     """A k×k convolution (any kernel dimension > 1); 1×1 convolutions count as linear layers."""
-    return layer.kind == "conv" and any(d != 1 for d in layer.kernel_size)
+    return layer.is_spatial
 
 
 def _kernel(layer: LoraLayer) -> str:
-    return "x".join(str(d) for d in layer.kernel_size) if layer.kind == "conv" else ""
+    return "x".join(str(d) for d in layer.kernel_size)
 
 
 def _new_alpha(layer: LoraLayer, new_rank: int) -> float:
@@ -246,39 +247,12 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
 
 
 def _resized_metadata(adapter: Adapter, report: ResizeReport) -> dict[str, str]:
+    """Each format edits the metadata keys it owns (kohya's training comment and network args)."""
     metadata = dict(adapter.metadata)
-    old = sorted({layer.old_rank for layer in report.layers})
-    new = sorted({layer.new_rank for layer in report.layers})
-    what = (f"rank {report.rank}" if report.method == "fixed" else
-            f"{report.method} {report.param}" + (f" (cap {report.rank})" if report.rank else ""))
-    old_s = str(old[0]) if len(old) == 1 else f"{old[0]}-{old[-1]}"
-    new_s = str(new[0]) if len(new) == 1 else f"{new[0]}-{new[-1]}"
-    comment = f"dimension is resized from {old_s} to {new_s} by lorahub ({what})"
-    previous = metadata.get("ss_training_comment")
-    metadata["ss_training_comment"] = f"{comment}; {previous}" if previous and previous != "None" else comment
-    args = metadata.get("ss_network_args")
-    if args:
-        # kohya keeps stale conv_dim/conv_alpha here; they describe training, not this file any more
-        import json
-        try:
-            parsed = json.loads(args)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict) and ("conv_dim" in parsed or "conv_alpha" in parsed):
-            conv = [layer for layer in report.layers if layer.kind == "conv" and layer.kernel not in ("", "1x1")]
-            conv_ranks = sorted({layer.new_rank for layer in conv})
-            conv_alphas = sorted({layer.new_alpha for layer in conv})
-            if len(conv_ranks) == 1:
-                parsed["conv_dim"] = str(conv_ranks[0])
-                parsed["conv_alpha"] = _fmt(conv_alphas[0]) if len(conv_alphas) == 1 else "Dynamic"
-            elif conv_ranks:
-                parsed["conv_dim"] = parsed["conv_alpha"] = "Dynamic"
-            metadata["ss_network_args"] = json.dumps(parsed)
+    for fmt in all_formats():
+        if fmt.on_resize is not None:
+            metadata = fmt.on_resize(metadata, report)
     return metadata
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def layer_spectra(adapter: Adapter, *, device: torch.device | str | None = None,

@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .kinds import kind_of
 from .names import NameMatch, is_conv1d, layer_fits, match_layers, ref_shape
 
 if TYPE_CHECKING:
@@ -164,9 +165,10 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
                                 "tensor is a vector", kind="shape"))
         return problems
 
-    conv1d = is_conv1d(base, ref.weight) if len(shape) == 2 and layer.kind == "linear" else False
+    linear = layer.geometry.name in ("linear", "conv1d")
+    conv1d = is_conv1d(base, ref.weight) if len(shape) == 2 and linear else False
     if not layer_fits(layer, shape, conv1d):
-        flipped = layer.kind == "linear" and len(shape) == 2 and shape[0] != shape[1] and \
+        flipped = linear and len(shape) == 2 and shape[0] != shape[1] and \
             layer_fits(layer, shape, not conv1d)
         # without a model type, Conv1D is a guess from the name: then the shapes say which layout it is
         if flipped and not _model_type_known(base, ref.weight):
@@ -180,7 +182,7 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
             problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d), hint,
                                     kind="shape"))
             return problems
-    if layer.kind == "linear" and len(shape) == 2 and layer.fan_in_fan_out != conv1d:
+    if linear and len(shape) == 2 and layer.fan_in_fan_out != conv1d:
         # PEFT decides the orientation by the layer type, not by the flag; merging must too
         if conv1d:
             hint = (f"base {ref.weight} is stored (in, out) like GPT-2's Conv1D but the adapter says "
@@ -199,13 +201,13 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
                                     kind="magnitude"))
     if layer.bias is not None:
         if ref.bias is None:
-            problems.append(Problem(target, "a bias in the base layer", "lora_B.bias",
+            problems.append(Problem(target, "a bias in the base layer", "a LoRA bias",
                                     "lora_bias=True needs a base layer with a bias", kind="bias"))
         else:
             bias_shape = base.shape(ref.bias) or ()
             n_bias = (ref.rows[1] - ref.rows[0]) if ref.rows else math.prod(bias_shape)
             if layer.bias.numel != n_bias:
-                problems.append(Problem(target, f"bias [{n_bias}]", f"lora_B.bias {list(layer.bias.shape)}",
+                problems.append(Problem(target, f"bias [{n_bias}]", f"LoRA bias {list(layer.bias.shape)}",
                                         "bias length must equal the output features", kind="bias"))
     return problems
 
@@ -216,25 +218,16 @@ def _model_type_known(base: "BaseModel", weight: str) -> bool:
 
 
 def _out_features(layer: "LoraLayer", shape: tuple[int, ...], conv1d: bool) -> int:
-    if layer.kind == "embedding":
-        return shape[1]
-    if len(shape) == 2 and conv1d:
-        return shape[1]
-    return shape[0]
+    return kind_of(layer, conv1d).out_features(shape)
 
 
 def _mag_layout(layer: "LoraLayer") -> str:
-    return {"conv": "shape (1, out, 1, 1)", "embedding": "embedding dim"}.get(layer.kind, "shape (out,)")
+    return layer.geometry.magnitude_layout
 
 
 def _expected(layer: "LoraLayer", shape: tuple[int, ...], conv1d: bool) -> str:
     """The factor shapes the base wants, with the base weight's shape."""
-    if layer.kind == "embedding":
-        return f"A [r, {shape[0]}], B [{shape[1]}, r] (W {list(shape)})"
-    if len(shape) == 2:
-        out, inp = (shape[1], shape[0]) if conv1d else shape
-        return f"A [r, {inp}], B [{out}, r] (W {list(shape)}{' Conv1D' if conv1d else ''})"
-    return f"A [r, {', '.join(map(str, shape[1:]))}], B [{shape[0]}, r, 1, 1] (W {list(shape)})"
+    return kind_of(layer, conv1d).expected_text(shape)
 
 
 def _found(layer: "LoraLayer", conv1d: bool) -> str:
@@ -245,13 +238,7 @@ def _shape_hint(layer: "LoraLayer", shape: tuple[int, ...], conv1d: bool, base: 
     """What the found shape suggests: 'adapter was trained for hidden size 96'."""
     a_in = list(layer.A.shape[1:])
     b_out = layer.B.shape[0]
-    if layer.kind == "embedding":
-        want_in, want_out = [shape[0]], shape[1]
-    elif len(shape) == 2:
-        want_out, inp = (shape[1], shape[0]) if conv1d else shape
-        want_in = [inp]
-    else:
-        want_in, want_out = list(shape[1:]), shape[0]
+    want_in, want_out = kind_of(layer, conv1d).base_dims(shape)
     named = _dimension_names(base, target)
     parts = []
     if a_in != want_in and not (len(a_in) == 1 and len(want_in) > 1 and a_in[0] == want_in[0]):

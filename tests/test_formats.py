@@ -500,6 +500,6 @@ def test_sdxl_kohya_sgm_names_convert_to_diffusers_names(tmp_path):
 
 def load_adapter_target(kohya_module: str) -> str:
     """diffusers' own converter wrote `lora_unet_<path>`; its dotted path without the `unet.`."""
-    from lorahub.formats.common import kohya_to_target
+    from lorahub.formats.kohya_names import kohya_to_target
 
     return kohya_to_target(kohya_module).removeprefix("unet.")

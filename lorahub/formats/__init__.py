@@ -2,6 +2,9 @@
 
     load_adapter(path, format=None, allow_pickle=False) -> Adapter
     save_adapter(adapter, out, format=None) -> Path
+
+The registry: each format module declares its `FORMATS` records (`lorahub.formats.spec.Format`);
+`_MODULES` lists the modules. Adding a format is one module and one line here.
 """
 from __future__ import annotations
 
@@ -11,19 +14,48 @@ from ..adapter import Adapter
 from ..errors import LorahubError
 from ..storage import is_pickle_path
 from . import diffusers, kohya, peft
-from .common import TensorSource
+from .common import ADAPTER_KEY_MARKERS, TensorSource
+from .spec import Format
 
-FORMATS = ("peft", "kohya", "diffusers")
-READ_FORMATS = FORMATS + ("lycoris",)
+_MODULES = (peft, kohya, diffusers)
+
+_REGISTRY: dict[str, Format] = {fmt.name: fmt for module in _MODULES for fmt in module.FORMATS}
+# the names the CLI offers: the writable ones for --to; every format, read-only ones last, for reading
+FORMATS = tuple(name for name, fmt in _REGISTRY.items() if fmt.writable)
+READ_FORMATS = FORMATS + tuple(name for name, fmt in _REGISTRY.items() if not fmt.writable)
 
 
-def _format_from_keys(file: Path, keys: list[str]) -> str:
-    if kohya.looks_like(keys):
-        return "lycoris" if kohya.lycoris_keys(keys) else "kohya"
-    if diffusers.looks_like(keys):
-        if all(k.startswith(peft.PREFIX) for k in keys):
-            return "peft-file"
-        return "diffusers"
+def all_formats() -> list[Format]:
+    return list(_REGISTRY.values())
+
+
+def get_format(name: str) -> Format:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise LorahubError(f"unknown format '{name}' (choose from {', '.join(READ_FORMATS)})") from None
+
+
+def marker_files() -> tuple[str, ...]:
+    """File names that mark an adapter in a repository listing (the Hub's adapter-file detection)."""
+    return tuple(name for fmt in _REGISTRY.values() for name in fmt.marker_files)
+
+
+def is_adapter_state(names: list[str]) -> bool:
+    """Every tensor name is an adapter key (a LoRA/LyCORIS factor, alpha or DoRA scale): an adapter
+    file, not a model's weights."""
+    return bool(names) and all(any(marker in name for marker in ADAPTER_KEY_MARKERS) for name in names)
+
+
+def _by_priority() -> list[Format]:
+    return sorted(_REGISTRY.values(), key=lambda fmt: fmt.detect_priority)
+
+
+def detect_by_keys(file: Path, keys: list[str]) -> Format:
+    """The format of a single weights file, from its tensor names."""
+    for fmt in _by_priority():
+        if fmt.detect_keys is not None and fmt.detect_keys(keys):
+            return fmt
     if not keys:
         raise LorahubError("no tensors in file", path=file)
     sample = ", ".join(keys[:3])
@@ -43,7 +75,8 @@ def _single_file(path: Path) -> Path:
             return path / pickles[0]
         raise LorahubError("no adapter here: no adapter_config.json and no .safetensors file", path=path)
     if len(candidates) > 1:
-        preferred = [p for p in candidates if p.name == diffusers.DEFAULT_FILE]
+        defaults = {fmt.default_file for fmt in _REGISTRY.values() if fmt.marker_files}
+        preferred = [p for p in candidates if p.name in defaults]
         if preferred:
             return preferred[0]
         raise LorahubError(f"several .safetensors files ({', '.join(p.name for p in candidates)}); "
@@ -57,57 +90,46 @@ def load_adapter(path: Path | str, format: str | None = None, *, allow_pickle: b
     if not path.exists():
         raise LorahubError("no such file or directory", path=path)
     if format in (None, "auto"):
-        if peft.detect(path):
-            return peft.read(path, allow_pickle=allow_pickle)
+        for fmt in _by_priority():
+            if fmt.detect_path is not None and fmt.detect_path(path):
+                return fmt.read(path, allow_pickle=allow_pickle)
         file = _single_file(path)
         source = TensorSource(file, allow_pickle=allow_pickle)
-        detected = _format_from_keys(file, source.keys())
-        if detected in ("kohya", "lycoris"):
-            return kohya.read(file, source=source)
-        adapter = diffusers.read(file, source=source)
-        if detected == "peft-file":  # PEFT weights without their config: keys minus the prefix
-            _strip_peft_prefix(adapter)
-        return adapter
-    if format == "peft":
-        if not peft.detect(path):
-            raise LorahubError(f"not a PEFT adapter: no {peft.CONFIG} here", path=path)
-        return peft.read(path, allow_pickle=allow_pickle)
-    if format in ("kohya", "lycoris"):
-        return kohya.read(_single_file(path), allow_pickle=allow_pickle)
-    if format == "diffusers":
-        return diffusers.read(_single_file(path), allow_pickle=allow_pickle)
-    raise LorahubError(f"unknown format '{format}' (choose from {', '.join(READ_FORMATS)})")
-
-
-def _strip_peft_prefix(adapter: Adapter) -> None:
-    adapter.format = "peft"
-    renamed = {}
-    for target, layer in adapter.layers.items():
-        layer.target = target[len(peft.PREFIX):] if target.startswith(peft.PREFIX) else target
-        renamed[layer.target] = layer
-    adapter.layers = renamed
+        return detect_by_keys(file, source.keys()).read(file, allow_pickle=allow_pickle, source=source)
+    fmt = get_format(format)
+    if fmt.directory:
+        if fmt.detect_path is not None and not fmt.detect_path(path):
+            raise LorahubError(f"not a {fmt.name} adapter: no {' or '.join(fmt.marker_files[:1])} here", path=path)
+        return fmt.read(path, allow_pickle=allow_pickle)
+    return fmt.read(_single_file(path), allow_pickle=allow_pickle)
 
 
 def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None) -> Path:
     """Write `adapter` at `out` (a directory for PEFT, a file otherwise), atomically."""
     from ..storage import atomic_path
 
-    format = format or (adapter.format if adapter.format in FORMATS else "peft")
-    if format not in FORMATS:
-        raise LorahubError(f"cannot write format '{format}' (choose from {', '.join(FORMATS)})")
+    name = format or (adapter.format if adapter.format in FORMATS else "peft")
+    if name not in FORMATS:
+        raise LorahubError(f"cannot write format '{name}' (choose from {', '.join(FORMATS)})")
+    fmt = _REGISTRY[name]
+    assert fmt.write is not None
     out = Path(out)
-    writer = {"peft": peft.write, "kohya": kohya.write, "diffusers": diffusers.write}[format]
-    if format == "peft":
+    if fmt.directory:
         if out.exists() and not out.is_dir():
-            raise LorahubError("output exists and is not a directory (PEFT adapters are directories)", path=out)
+            raise LorahubError(f"output exists and is not a directory ({fmt.name} adapters are directories)",
+                               path=out)
         with atomic_path(out, is_dir=True) as tmp:
-            writer(adapter, tmp)
+            fmt.write(adapter, tmp)
     else:
         if out.suffix != ".safetensors":
             if out.is_dir():
-                out = out / (diffusers.DEFAULT_FILE if format == "diffusers" else "adapter.safetensors")
+                out = out / (fmt.default_file or "adapter.safetensors")
             else:
                 raise LorahubError("output file name must end in .safetensors", path=out)
         with atomic_path(out) as tmp:
-            writer(adapter, tmp)
+            fmt.write(adapter, tmp)
     return out
+
+
+__all__ = ["FORMATS", "READ_FORMATS", "Format", "all_formats", "detect_by_keys", "get_format", "is_adapter_state", "load_adapter",
+           "marker_files", "save_adapter"]

@@ -1,15 +1,21 @@
 """Pieces the format modules share: reading tensors lazily, grouping keys into layers, name guessing."""
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ..adapter import LazyTensor, LoraLayer
+from ..adapter import Adapter, LazyTensor, LoraLayer
 from ..errors import LorahubError
+from ..kinds import CONV, factor_kind
 from ..storage import SafetensorsHeader, is_pickle_path, load_pickle_state_dict, read_header
 
+# substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights
+ADAPTER_KEY_MARKERS = (".lora_A", ".lora_B", "lora_down", "lora_up", "lora_embedding_", ".alpha",
+                       "lora_magnitude_vector", "hada_", "lokr_", "dora_scale")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
 
 
@@ -52,9 +58,7 @@ class TensorSource:
 
 
 def layer_kind(down_shape: tuple[int, ...], embedding: bool = False) -> str:
-    if embedding:
-        return "embedding"
-    return "conv" if len(down_shape) > 2 else "linear"
+    return factor_kind(down_shape, embedding)
 
 
 def check_pair(path: Path, name: str, down_key: str, up_key: str, down: LazyTensor, up: LazyTensor) -> int:
@@ -81,7 +85,7 @@ def peft_magnitude(layer: LoraLayer) -> torch.Tensor:
     """The DoRA magnitude as PEFT stores it: (out,), or (1, out, 1, 1) for a conv (PEFT's
     `_DoraConvNdLayer` keeps the transposed keepdim norm)."""
     magnitude = layer.magnitude.load().reshape(-1)
-    if layer.kind == "conv":
+    if layer.geometry is CONV:
         magnitude = magnitude.reshape(1, -1, *([1] * (len(layer.base_shape) - 2)))
     return magnitude.contiguous()
 
@@ -90,82 +94,6 @@ def kohya_dora_scale(layer: LoraLayer) -> torch.Tensor:
     """The DoRA magnitude as LyCORIS (wd_on_out) stores `dora_scale`: (out, 1) or (out, 1, 1, 1).
     ComfyUI tells the axis by shape[0] == out."""
     return layer.magnitude.load().reshape(-1, *([1] * (len(layer.base_shape) - 1))).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------
-# kohya names: "lora_unet_down_blocks_0_attentions_0_proj_in" -> "unet.down_blocks.0.attentions.0.proj_in"
-# Module names contain '_' themselves, so a name cannot be split by string replacement; without the
-# base model at hand we split with a vocabulary of identifiers that contain '_' (longest first).
-# `lorahub validate/merge` resolve names against the base's real tensor names instead.
-
-KOHYA_PREFIXES = {
-    "lora_unet_": "unet.",
-    "lora_te_": "text_encoder.",
-    "lora_te1_": "text_encoder.",
-    "lora_te2_": "text_encoder_2.",
-    "lora_te3_": "text_encoder_3.",
-    "lora_transformer_": "transformer.",
-}
-UNDERSCORE_IDENTIFIERS = sorted({
-    # transformers LLMs
-    "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
-    "gate_up_proj", "embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm",
-    "block_sparse_moe", "shared_expert", "shared_expert_gate", "dense_h_to_4h", "dense_4h_to_h",
-    "query_key_value", "word_embeddings", "c_attn", "c_proj", "c_fc", "self_attention", "out_proj",
-    "pre_feedforward_layernorm", "post_feedforward_layernorm",
-    # CLIP / T5 text encoders
-    "text_model", "token_embedding", "position_embedding", "final_layer_norm", "layer_norm1",
-    "layer_norm2", "text_projection", "relative_attention_bias", "DenseReluDense", "wi_0", "wi_1",
-    # diffusers UNet / transformers
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "single_transformer_blocks",
-    "to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "proj_in", "proj_out", "proj_mlp", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out",
-    "conv_norm_out", "time_embedding", "linear_1", "linear_2", "ff_context", "norm1_context",
-    "norm_out", "time_text_embed", "timestep_embedder", "text_embedder", "guidance_embedder",
-    "context_embedder", "x_embedder", "add_embedding", "class_embedding", "norm_q", "norm_k",
-    "norm_added_q", "norm_added_k", "attn_qkv", "attn_proj", "img_attn", "txt_attn", "img_mlp",
-    "txt_mlp", "img_mod", "txt_mod", "mod_lin", "double_blocks", "single_blocks", "modulation_lin",
-    "final_layer", "adaLN_modulation", "input_blocks", "output_blocks", "middle_block", "in_layers",
-    "out_layers", "emb_layers", "skip_connection", "time_embed", "label_emb",
-}, key=len, reverse=True)
-
-
-def kohya_split_prefix(name: str) -> tuple[str, str]:
-    """('lora_unet_', 'down_blocks_0_...') for a kohya module name; ('', name) if no known prefix."""
-    for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
-        if name.startswith(prefix):
-            return prefix, name[len(prefix):]
-    if name.startswith("lora_"):
-        return "lora_", name[len("lora_"):]
-    return "", name
-
-
-def guess_dotted(flat: str) -> str:
-    """Split an underscore-flattened module path into a dotted one using the identifier vocabulary."""
-    parts: list[str] = []
-    i = 0
-    while i < len(flat):
-        for ident in UNDERSCORE_IDENTIFIERS:
-            end = i + len(ident)
-            if flat.startswith(ident, i) and (end == len(flat) or flat[end] == "_"):
-                parts.append(ident)
-                i = end + 1
-                break
-        else:
-            end = flat.find("_", i)
-            end = len(flat) if end < 0 else end
-            parts.append(flat[i:end])
-            i = end + 1
-    return ".".join(parts)
-
-
-def kohya_to_target(name: str) -> str:
-    prefix, rest = kohya_split_prefix(name)
-    component = KOHYA_PREFIXES.get(prefix, "")
-    dotted = guess_dotted(rest)
-    # diffusers' ff.net.0.proj and to_out.0 carry numbered ModuleLists after identifiers
-    dotted = re.sub(r"\bff\.net\.(\d)", r"ff.net.\1", dotted)
-    return component + dotted
 
 
 COMPONENTS_METADATA = "lorahub.components"
@@ -185,26 +113,159 @@ def infer_component(target: str) -> str | None:
     return None
 
 
-def target_to_kohya(target: str, components: set[str], has_components: bool = True) -> str:
-    """kohya module name; `has_components=False` means the target is a bare model path."""
-    component, _, rest = target.partition(".")
-    if not has_components:
-        component, rest = (infer_component(target), target) if infer_component(target) else ("", target)
-    if component in COMPONENTS and rest:
-        if component == "unet":
-            prefix = "lora_unet_"
-        elif component == "text_encoder":
-            prefix = "lora_te1_" if "text_encoder_2" in components else "lora_te_"
-        elif component == "text_encoder_2":
-            prefix = "lora_te2_"
-        elif component == "text_encoder_3":
-            prefix = "lora_te3_"
-        else:
-            prefix = f"lora_{component}_"
-        return prefix + rest.replace(".", "_")
-    return "lora_" + target.replace(".", "_")
-
-
 def component_of(target: str) -> str | None:
     head = target.split(".", 1)[0]
     return head if head in COMPONENTS else None
+
+
+# lorahub writes each module's exact target, kind and orientation here (JSON), so round trips through
+# kohya files need no name guessing and keep embedding / Conv1D layers what they were
+LAYERS_METADATA = "lorahub.layers"
+
+
+def layer_entry(layer: LoraLayer) -> dict:
+    return {"target": layer.target, "kind": layer.kind, "fan_in_fan_out": layer.fan_in_fan_out}
+
+
+def read_layers_metadata(metadata: dict[str, str]) -> dict[str, dict]:
+    try:
+        known = json.loads(metadata.get(LAYERS_METADATA, "{}"))
+        return {str(k): dict(v) for k, v in known.items() if isinstance(v, dict) and "target" in v}
+    except (ValueError, TypeError):
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT config fields (PEFT directories and diffusers files carry the same LoraConfig)
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's get_pattern_key: the first key K (a regex) with `(.*\\.)?(K)$` matching the name wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _pattern_key(name: str) -> str:
+    return "^" + re.escape(name) + "$"
+
+
+def lora_config_fields(layers: list[LoraLayer], strip=lambda name: name) -> dict:
+    """The LoraConfig fields that give every layer its exact rank and scale: one `r`/`lora_alpha` (the
+    most common rank and its alpha) plus `^name$` rank/alpha patterns where a layer differs."""
+    use_rslora = {layer.use_rslora for layer in layers} == {True}
+    r = Counter(layer.rank for layer in layers).most_common(1)[0][0]
+
+    def alpha_of(layer: LoraLayer) -> float:
+        # one use_rslora flag per file: re-express alpha so each layer keeps its exact scale
+        if layer.use_rslora == use_rslora:
+            return layer.alpha
+        return layer.scale * (layer.rank ** 0.5 if use_rslora else layer.rank)
+
+    alphas = Counter(alpha_of(layer) for layer in layers if layer.rank == r)
+    lora_alpha = alphas.most_common(1)[0][0] if alphas else float(r)
+    rank_pattern, alpha_pattern = {}, {}
+    for layer in layers:
+        name = strip(layer.target)
+        if layer.rank != r:
+            rank_pattern[_pattern_key(name)] = layer.rank
+        if alpha_of(layer) != lora_alpha:
+            alpha_pattern[_pattern_key(name)] = _number(alpha_of(layer))
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": _number(lora_alpha),
+        "use_rslora": use_rslora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        # full module names: PEFT matches list entries exactly or as a '.'-suffix
+        "target_modules": sorted(strip(layer.target) for layer in layers),
+        "use_dora": any(layer.is_dora for layer in layers),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
+        "lora_bias": any(layer.bias is not None for layer in layers),
+    }
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT-style single files
+
+PEFT_STYLE_SUFFIXES = {
+    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".alpha": "alpha",
+    ".lora_embedding_A": "embA", ".lora_embedding_B": "embB",
+    ".lora_magnitude_vector": "mag", ".lora_magnitude_vector.weight": "mag",
+    ".lora.down.weight": "A", ".lora.up.weight": "B",  # older diffusers LoRACompatible layers
+    "_lora.down.weight": "A", "_lora.up.weight": "B",
+    ".lora_linear_layer.down.weight": "A", ".lora_linear_layer.up.weight": "B",
+}
+
+
+def looks_peft_style(keys: list[str]) -> bool:
+    return any(".lora_A." in k or ".lora_B." in k or "lora_embedding_" in k or "lora_linear_layer" in k
+               or k.endswith(("_lora.down.weight", ".lora.down.weight")) for k in keys)
+
+
+def _split_peft_style(key: str) -> tuple[str, str] | None:
+    for suffix, label in PEFT_STYLE_SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], label
+    return None
+
+
+def _module_name(module: str) -> str:
+    # old attention-processor names: unet.….attn1.processor.to_q -> unet.….attn1.to_q
+    return module.replace(".processor.", ".")
+
+
+def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
+                         configs: dict[str, dict]) -> Adapter:
+    """A single file of PEFT-style keys (`<module>.lora_A.weight`, ...): diffusers files, and PEFT
+    weights without their config. `configs` holds a LoraConfig per diffusers component."""
+    metadata = source.metadata
+    adapter = Adapter(path=path, format=format_name, metadata=metadata, files=[path],
+                      base_model=metadata.get("lorahub.base_model"))
+    known = read_layers_metadata(metadata)
+    groups: dict[str, dict[str, str]] = {}
+    for key in source.keys():
+        split = _split_peft_style(key)
+        if split is None:
+            adapter.extra_keys.append(key)
+            continue
+        module, label = split
+        groups.setdefault(_module_name(module), {})[label] = key
+    for module, keys in groups.items():
+        embedding = "embA" in keys or "embB" in keys
+        down_label, up_label = ("embA", "embB") if embedding else ("A", "B")
+        if down_label not in keys or up_label not in keys:
+            present = keys.get(down_label) or keys.get(up_label)
+            if present is None:
+                adapter.extra_keys.extend(keys.values())
+                continue
+            raise missing_partner(path, present, f"{module}.lora_{'B' if down_label in keys else 'A'}.weight")
+        down, up = source.lazy(keys[down_label]), source.lazy(keys[up_label])
+        rank = check_pair(path, module, keys[down_label], keys[up_label], down, up)
+        alpha, use_rslora = float(rank), False  # no alpha anywhere: alpha = rank, as diffusers reads it
+        component, _, inner = module.partition(".")
+        config = configs.get(component)
+        if "alpha" in keys:
+            alpha = source.scalar(keys["alpha"])
+        elif config:
+            alpha = float(pattern_value(config.get("alpha_pattern"), inner,
+                                        config.get("lora_alpha", config.get("r", rank))))
+            use_rslora = bool(config.get("use_rslora", False))
+        entry = known.get(module, {})
+        adapter.layers[module] = LoraLayer(
+            target=module, kind=layer_kind(down.shape, embedding), A=down, B=up, alpha=alpha, rank=rank,
+            use_rslora=use_rslora, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
+            magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
+            bias=source.lazy(keys["bias"]) if "bias" in keys else None, source_key=module)
+    if COMPONENTS_METADATA in metadata:
+        adapter.has_components = metadata[COMPONENTS_METADATA] == "1"
+    else:
+        adapter.has_components = bool(adapter.layers) and all(
+            target.split(".", 1)[0] in COMPONENTS for target in adapter.layers)
+    return adapter

@@ -10,94 +10,26 @@ from safetensors.torch import save_file
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
 from .common import (
-    COMPONENTS,
     COMPONENTS_METADATA,
+    LAYERS_METADATA,
     TensorSource,
-    check_pair,
     component_of,
     infer_component,
-    layer_kind,
-    missing_partner,
+    layer_entry,
+    looks_peft_style,
+    lora_config_fields,
     peft_magnitude,
+    read_peft_style_file,
 )
-from .kohya import LAYERS_METADATA, layer_entry, read_layers_metadata
-from .peft import lora_config_fields, pattern_value
+from .spec import Format
 
 NAME = "diffusers"
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"
-SUFFIXES = {
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".alpha": "alpha",
-    ".lora_embedding_A": "embA", ".lora_embedding_B": "embB",
-    ".lora_magnitude_vector": "mag", ".lora_magnitude_vector.weight": "mag",
-    ".lora.down.weight": "A", ".lora.up.weight": "B",  # older diffusers LoRACompatible layers
-    "_lora.down.weight": "A", "_lora.up.weight": "B",
-    ".lora_linear_layer.down.weight": "A", ".lora_linear_layer.up.weight": "B",
-}
-
-
-def looks_like(keys: list[str]) -> bool:
-    return any(".lora_A." in k or ".lora_B." in k or "lora_embedding_" in k or "lora_linear_layer" in k
-               or k.endswith(("_lora.down.weight", ".lora.down.weight")) for k in keys)
-
-
-def _split(key: str) -> tuple[str, str] | None:
-    for suffix, label in SUFFIXES.items():
-        if key.endswith(suffix):
-            return key[: -len(suffix)], label
-    return None
-
-
-def _module_name(module: str) -> str:
-    # old attention-processor names: unet.….attn1.processor.to_q -> unet.….attn1.to_q
-    return module.replace(".processor.", ".")
 
 
 def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None = None) -> Adapter:
     source = source or TensorSource(path, allow_pickle=allow_pickle)
-    metadata = source.metadata
-    adapter = Adapter(path=path, format=NAME, metadata=metadata, files=[path],
-                      base_model=metadata.get("lorahub.base_model"))
-    configs = _adapter_configs(metadata)
-    known = read_layers_metadata(metadata)
-    groups: dict[str, dict[str, str]] = {}
-    for key in source.keys():
-        split = _split(key)
-        if split is None:
-            adapter.extra_keys.append(key)
-            continue
-        module, label = split
-        groups.setdefault(_module_name(module), {})[label] = key
-    for module, keys in groups.items():
-        embedding = "embA" in keys or "embB" in keys
-        down_label, up_label = ("embA", "embB") if embedding else ("A", "B")
-        if down_label not in keys or up_label not in keys:
-            present = keys.get(down_label) or keys.get(up_label)
-            if present is None:
-                adapter.extra_keys.extend(keys.values())
-                continue
-            raise missing_partner(path, present, f"{module}.lora_{'B' if down_label in keys else 'A'}.weight")
-        down, up = source.lazy(keys[down_label]), source.lazy(keys[up_label])
-        rank = check_pair(path, module, keys[down_label], keys[up_label], down, up)
-        alpha, use_rslora = float(rank), False  # no alpha anywhere: alpha = rank, as diffusers reads it
-        component, _, inner = module.partition(".")
-        config = configs.get(component)
-        if "alpha" in keys:
-            alpha = source.scalar(keys["alpha"])
-        elif config:
-            alpha = float(pattern_value(config.get("alpha_pattern"), inner,
-                                        config.get("lora_alpha", config.get("r", rank))))
-            use_rslora = bool(config.get("use_rslora", False))
-        entry = known.get(module, {})
-        adapter.layers[module] = LoraLayer(
-            target=module, kind=layer_kind(down.shape, embedding), A=down, B=up, alpha=alpha, rank=rank,
-            use_rslora=use_rslora, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)), magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
-            bias=source.lazy(keys["bias"]) if "bias" in keys else None, source_key=module)
-    if COMPONENTS_METADATA in metadata:
-        adapter.has_components = metadata[COMPONENTS_METADATA] == "1"
-    else:
-        adapter.has_components = bool(adapter.layers) and all(
-            target.split(".", 1)[0] in COMPONENTS for target in adapter.layers)
-    return adapter
+    return read_peft_style_file(path, source, NAME, _adapter_configs(source.metadata))
 
 
 def _adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
@@ -166,3 +98,10 @@ def write(adapter: Adapter, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
     return out
+
+
+FORMATS = (Format(
+    name=NAME, summary="one .safetensors file, `unet.…lora_A.weight` / `text_encoder.…` / `transformer.…` "
+    "keys, per-component LoraConfig in `lora_adapter_metadata` (diffusers `load_lora_weights`)",
+    read=read, write=write, default_file=DEFAULT_FILE, detect_keys=looks_peft_style, detect_priority=40,
+    marker_files=(DEFAULT_FILE,)),)

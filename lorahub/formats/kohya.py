@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -15,17 +16,18 @@ from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
 from .common import (
     COMPONENTS_METADATA,
-    KOHYA_PREFIXES,
+    LAYERS_METADATA,
     TensorSource,
     check_pair,
     component_of,
     kohya_dora_scale,
-    kohya_split_prefix,
-    kohya_to_target,
+    layer_entry,
     layer_kind,
     missing_partner,
-    target_to_kohya,
+    read_layers_metadata,
 )
+from .kohya_names import KOHYA_PREFIXES, kohya_split_prefix, kohya_to_target, target_to_kohya
+from .spec import Format
 
 NAME = "kohya"
 LYCORIS_MARKERS = {
@@ -37,9 +39,6 @@ LYCORIS_MARKERS = {
 }
 LORA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
                  ".dora_scale": "dora", ".lora_down.bias": "down_bias", ".lora_up.bias": "bias"}
-# lorahub writes each module's exact target, kind and orientation here (JSON), so round trips through
-# kohya files need no name guessing and keep embedding / Conv1D layers what they were
-LAYERS_METADATA = "lorahub.layers"
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -161,16 +160,36 @@ def write(adapter: Adapter, out: Path) -> Path:
     return out
 
 
-def layer_entry(layer: LoraLayer) -> dict:
-    return {"target": layer.target, "kind": layer.kind, "fan_in_fan_out": layer.fan_in_fan_out}
-
-
-def read_layers_metadata(metadata: dict[str, str]) -> dict[str, dict]:
-    try:
-        known = json.loads(metadata.get(LAYERS_METADATA, "{}"))
-        return {str(k): dict(v) for k, v in known.items() if isinstance(v, dict) and "target" in v}
-    except (ValueError, TypeError):
-        return {}
+def on_resize(metadata: dict[str, str], report: Any) -> dict[str, str]:
+    """kohya metadata after `lorahub resize`: a training comment saying so, conv ranks in the network args."""
+    metadata = dict(metadata)
+    old = sorted({layer.old_rank for layer in report.layers})
+    new = sorted({layer.new_rank for layer in report.layers})
+    what = (f"rank {report.rank}" if report.method == "fixed" else
+            f"{report.method} {report.param}" + (f" (cap {report.rank})" if report.rank else ""))
+    old_s = str(old[0]) if len(old) == 1 else f"{old[0]}-{old[-1]}"
+    new_s = str(new[0]) if len(new) == 1 else f"{new[0]}-{new[-1]}"
+    comment = f"dimension is resized from {old_s} to {new_s} by lorahub ({what})"
+    previous = metadata.get("ss_training_comment")
+    metadata["ss_training_comment"] = f"{comment}; {previous}" if previous and previous != "None" else comment
+    args = metadata.get("ss_network_args")
+    if args:
+        # kohya keeps stale conv_dim/conv_alpha here; they describe training, not this file any more
+        try:
+            parsed = json.loads(args)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and ("conv_dim" in parsed or "conv_alpha" in parsed):
+            conv = [layer for layer in report.layers if layer.kernel not in ("", "1x1")]
+            conv_ranks = sorted({layer.new_rank for layer in conv})
+            conv_alphas = sorted({layer.new_alpha for layer in conv})
+            if len(conv_ranks) == 1:
+                parsed["conv_dim"] = str(conv_ranks[0])
+                parsed["conv_alpha"] = _fmt(conv_alphas[0]) if len(conv_alphas) == 1 else "Dynamic"
+            elif conv_ranks:
+                parsed["conv_dim"] = parsed["conv_alpha"] = "Dynamic"
+            metadata["ss_network_args"] = json.dumps(parsed)
+    return metadata
 
 
 def _fmt(value: float) -> str:
@@ -192,3 +211,18 @@ def _add_kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     (header_len,) = struct.unpack("<Q", raw[:8])
     metadata["sshs_model_hash"] = hashlib.sha256(raw[8 + header_len:]).hexdigest()
     metadata["sshs_legacy_hash"] = legacy_hash_of_bytes(raw)
+
+
+def _is_lycoris(keys: list[str]) -> bool:
+    return looks_like(keys) and lycoris_keys(keys) > 0
+
+
+# LyCORIS files share kohya's module names; one reader takes both (LoRA/LoCon modules become layers,
+# LoHa/LoKr/... modules are listed in `other_modules`)
+FORMATS = (
+    Format(name=NAME, summary="one .safetensors file, `lora_unet_…lora_down.weight` / `.lora_up.weight` / "
+           "`.alpha` (kohya sd-scripts, A1111, ComfyUI)", read=read, write=write,
+           default_file="adapter.safetensors", detect_keys=looks_like, detect_priority=20, on_resize=on_resize),
+    Format(name="lycoris", summary="kohya-named LyCORIS files (LoHa `hada_*`, LoKr `lokr_*`, ...): read and "
+           "listed; their math is not implemented yet", read=read, detect_keys=_is_lycoris, detect_priority=10),
+)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -11,14 +9,25 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from .common import TensorSource, check_pair, component_of, layer_kind, missing_partner, peft_magnitude
+from ..kinds import CONV1D_LEAVES
+from .common import (
+    TensorSource,
+    check_pair,
+    component_of,
+    layer_kind,
+    looks_peft_style,
+    lora_config_fields,
+    missing_partner,
+    pattern_value,
+    peft_magnitude,
+    read_peft_style_file,
+)
+from .spec import Format
 
 NAME = "peft"
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
-# module names of GPT-2-style Conv1D layers, whose weight is (in, out): PEFT forces fan_in_fan_out
-CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "c_attn_q")
 # config keys whose non-default value means a delta that is not s·B·A; refused rather than misread
 UNSUPPORTED_VARIANTS = {
     "kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA", "velora_config": "VeLoRA",
@@ -38,15 +47,14 @@ def detect(path: Path) -> bool:
     return path.is_file() and path.name in WEIGHTS and (path.parent / CONFIG).is_file()
 
 
-def pattern_value(patterns: dict, name: str, default):
-    """PEFT's get_pattern_key: the first key K (a regex) with `(.*\\.)?(K)$` matching the name wins."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+def looks_like_weights(keys: list[str]) -> bool:
+    """PEFT weights without their config: PEFT-style keys, all under PEFT's `base_model.model.`."""
+    return looks_peft_style(keys) and all(k.startswith(PREFIX) for k in keys)
 
 
-def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
+def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None = None) -> Adapter:
+    if path.is_file() and not detect(path):
+        return _read_weights_only(path, source or TensorSource(path, allow_pickle=allow_pickle))
     directory = path if path.is_dir() else path.parent
     config_path = directory / CONFIG
     try:
@@ -129,55 +137,26 @@ def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
         adapter.layers[_qualify(component, module)] = LoraLayer(
             target=_qualify(component, module), kind=layer_kind(down.shape, embedding),
             A=down, B=up, alpha=alpha, rank=rank, use_rslora=use_rslora,
-            fan_in_fan_out=(fan_in_fan_out or leaf in CONV1D_NAMES) and not embedding,
+            fan_in_fan_out=(fan_in_fan_out or leaf in CONV1D_LEAVES) and not embedding,
             magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
             bias=source.lazy(keys["bias"]) if "bias" in keys else None,
             source_key=PREFIX + module)
     return adapter
 
 
+def _read_weights_only(path: Path, source: TensorSource) -> Adapter:
+    """A PEFT weights file without adapter_config.json: every alpha = rank, module names unprefixed."""
+    adapter = read_peft_style_file(path, source, NAME, {})
+    renamed = {}
+    for target, layer in adapter.layers.items():
+        layer.target = target[len(PREFIX):] if target.startswith(PREFIX) else target
+        renamed[layer.target] = layer
+    adapter.layers = renamed
+    return adapter
+
+
 def _qualify(component: str | None, name: str) -> str:
     return f"{component}.{name}" if component else name
-
-
-def _pattern_key(name: str) -> str:
-    return "^" + re.escape(name) + "$"
-
-
-def lora_config_fields(layers: list[LoraLayer], strip=lambda name: name) -> dict:
-    """The LoraConfig fields that give every layer its exact rank and scale: one `r`/`lora_alpha` (the
-    most common rank and its alpha) plus `^name$` rank/alpha patterns where a layer differs."""
-    use_rslora = {layer.use_rslora for layer in layers} == {True}
-    r = Counter(layer.rank for layer in layers).most_common(1)[0][0]
-
-    def alpha_of(layer: LoraLayer) -> float:
-        # one use_rslora flag per file: re-express alpha so each layer keeps its exact scale
-        if layer.use_rslora == use_rslora:
-            return layer.alpha
-        return layer.scale * (layer.rank ** 0.5 if use_rslora else layer.rank)
-
-    alphas = Counter(alpha_of(layer) for layer in layers if layer.rank == r)
-    lora_alpha = alphas.most_common(1)[0][0] if alphas else float(r)
-    rank_pattern, alpha_pattern = {}, {}
-    for layer in layers:
-        name = strip(layer.target)
-        if layer.rank != r:
-            rank_pattern[_pattern_key(name)] = layer.rank
-        if alpha_of(layer) != lora_alpha:
-            alpha_pattern[_pattern_key(name)] = _number(alpha_of(layer))
-    return {
-        "peft_type": "LORA",
-        "r": r,
-        "lora_alpha": _number(lora_alpha),
-        "use_rslora": use_rslora,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        # full module names: PEFT matches list entries exactly or as a '.'-suffix
-        "target_modules": sorted(strip(layer.target) for layer in layers),
-        "use_dora": any(layer.is_dora for layer in layers),
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
-        "lora_bias": any(layer.bias is not None for layer in layers),
-    }
 
 
 def write(adapter: Adapter, out: Path) -> Path:
@@ -237,5 +216,7 @@ def write(adapter: Adapter, out: Path) -> Path:
     return out
 
 
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else float(value)
+FORMATS = (Format(
+    name=NAME, summary="a directory: adapter_config.json + adapter_model.safetensors (PEFT `save_pretrained`)",
+    read=read, write=write, directory=True, detect_path=detect, detect_keys=looks_like_weights,
+    detect_priority=30, marker_files=(CONFIG, *WEIGHTS)),)

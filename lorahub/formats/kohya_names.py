@@ -1,0 +1,118 @@
+"""kohya module names: `lora_unet_down_blocks_0_attentions_0_proj_in` <-> `unet.down_blocks.0.attentions.0.proj_in`.
+
+A name table, not a format: the kohya/LyCORIS reader and writer and `lorahub.names` (which resolves
+kohya names against a base's real tensor names) share it.
+"""
+from __future__ import annotations
+
+import re
+
+from .common import COMPONENTS, infer_component
+
+# Module names contain '_' themselves, so a name cannot be split by string replacement; without the
+# base model at hand we split with a vocabulary of identifiers that contain '_' (longest first).
+# `lorahub validate/merge` resolve names against the base's real tensor names instead.
+
+# the one kohya prefix table: prefix -> (the component it names, the components to try, in order, when
+# resolving names against a base; "" = the base's own top level)
+KOHYA_PREFIXES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lora_unet_": ("unet", ("unet", "transformer", "")),
+    "lora_transformer_": ("transformer", ("transformer", "unet", "")),
+    "lora_te_": ("text_encoder", ("text_encoder", "")),
+    "lora_te1_": ("text_encoder", ("text_encoder", "")),
+    "lora_te2_": ("text_encoder_2", ("text_encoder_2", "")),
+    "lora_te3_": ("text_encoder_3", ("text_encoder_3", "text_encoder_2", "")),
+}
+UNDERSCORE_IDENTIFIERS = sorted({
+    # transformers LLMs
+    "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+    "gate_up_proj", "embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm",
+    "block_sparse_moe", "shared_expert", "shared_expert_gate", "dense_h_to_4h", "dense_4h_to_h",
+    "query_key_value", "word_embeddings", "c_attn", "c_proj", "c_fc", "self_attention", "out_proj",
+    "pre_feedforward_layernorm", "post_feedforward_layernorm",
+    # CLIP / T5 text encoders
+    "text_model", "token_embedding", "position_embedding", "final_layer_norm", "layer_norm1",
+    "layer_norm2", "text_projection", "relative_attention_bias", "DenseReluDense", "wi_0", "wi_1",
+    # diffusers UNet / transformers
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "single_transformer_blocks",
+    "to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "proj_in", "proj_out", "proj_mlp", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out",
+    "conv_norm_out", "time_embedding", "linear_1", "linear_2", "ff_context", "norm1_context",
+    "norm_out", "time_text_embed", "timestep_embedder", "text_embedder", "guidance_embedder",
+    "context_embedder", "x_embedder", "add_embedding", "class_embedding", "norm_q", "norm_k",
+    "norm_added_q", "norm_added_k", "attn_qkv", "attn_proj", "img_attn", "txt_attn", "img_mlp",
+    "txt_mlp", "img_mod", "txt_mod", "mod_lin", "double_blocks", "single_blocks", "modulation_lin",
+    "final_layer", "adaLN_modulation", "input_blocks", "output_blocks", "middle_block", "in_layers",
+    "out_layers", "emb_layers", "skip_connection", "time_embed", "label_emb",
+}, key=len, reverse=True)
+
+
+def kohya_split_prefix(name: str) -> tuple[str, str]:
+    """('lora_unet_', 'down_blocks_0_...') for a kohya module name; ('', name) if no known prefix."""
+    for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
+        if name.startswith(prefix):
+            return prefix, name[len(prefix):]
+    if name.startswith("lora_"):
+        return "lora_", name[len("lora_"):]
+    return "", name
+
+
+def is_kohya_name(name: str) -> bool:
+    """A kohya module name (flattened with '_', `lora_` prefix) rather than a dotted module path."""
+    return "." not in name and name.startswith("lora_")
+
+
+def kohya_candidates(name: str) -> tuple[str, tuple[str, ...]]:
+    """(the flattened module path, the components to look for it in, in order) of a kohya name."""
+    prefix, rest = kohya_split_prefix(name)
+    if prefix in KOHYA_PREFIXES:
+        return rest, KOHYA_PREFIXES[prefix][1]
+    return rest, ("",)
+
+
+def guess_dotted(flat: str) -> str:
+    """Split an underscore-flattened module path into a dotted one using the identifier vocabulary."""
+    parts: list[str] = []
+    i = 0
+    while i < len(flat):
+        for ident in UNDERSCORE_IDENTIFIERS:
+            end = i + len(ident)
+            if flat.startswith(ident, i) and (end == len(flat) or flat[end] == "_"):
+                parts.append(ident)
+                i = end + 1
+                break
+        else:
+            end = flat.find("_", i)
+            end = len(flat) if end < 0 else end
+            parts.append(flat[i:end])
+            i = end + 1
+    return ".".join(parts)
+
+
+def kohya_to_target(name: str) -> str:
+    prefix, rest = kohya_split_prefix(name)
+    component = KOHYA_PREFIXES[prefix][0] + "." if prefix in KOHYA_PREFIXES else ""
+    dotted = guess_dotted(rest)
+    # diffusers' ff.net.0.proj and to_out.0 carry numbered ModuleLists after identifiers
+    dotted = re.sub(r"\bff\.net\.(\d)", r"ff.net.\1", dotted)
+    return component + dotted
+
+
+def target_to_kohya(target: str, components: set[str], has_components: bool = True) -> str:
+    """kohya module name; `has_components=False` means the target is a bare model path."""
+    component, _, rest = target.partition(".")
+    if not has_components:
+        component, rest = (infer_component(target), target) if infer_component(target) else ("", target)
+    if component in COMPONENTS and rest:
+        if component == "unet":
+            prefix = "lora_unet_"
+        elif component == "text_encoder":
+            prefix = "lora_te1_" if "text_encoder_2" in components else "lora_te_"
+        elif component == "text_encoder_2":
+            prefix = "lora_te2_"
+        elif component == "text_encoder_3":
+            prefix = "lora_te3_"
+        else:
+            prefix = f"lora_{component}_"
+        return prefix + rest.replace(".", "_")
+    return "lora_" + target.replace(".", "_")
