@@ -57,7 +57,7 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
     ranks = [layer.rank for layer in layers]
     scales = [layer.scale for layer in layers]
     alphas = [layer.alpha for layer in layers]
-    dtypes = Counter()
+    dtypes: Counter[str] = Counter()
     for layer in layers:
         dtypes[layer.A.dtype] += 1
         dtypes[layer.B.dtype] += 1

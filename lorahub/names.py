@@ -94,6 +94,7 @@ class BaseIndex:
 
     def __init__(self, base: "BaseModel"):
         self.base = base
+        self.ntensors = len(base.tensors)  # a cached index is stale once the base gains tensors
         self.modules: dict[str, ModuleRef] = {}
         for name in base.tensors:
             if name.endswith(".weight"):
@@ -135,9 +136,8 @@ class BaseIndex:
 
 def base_index(base: "BaseModel") -> BaseIndex:
     index = base.__dict__.get("_lorahub_name_index")
-    if index is None or index.base is not base or index._ntensors != len(base.tensors):
+    if index is None or index.base is not base or index.ntensors != len(base.tensors):
         index = BaseIndex(base)
-        index._ntensors = len(base.tensors)
         base.__dict__["_lorahub_name_index"] = index
     return index
 
@@ -263,7 +263,7 @@ def _first(candidates: list[str], index: BaseIndex) -> ModuleRef | None:
     return index.modules[candidates[0]] if candidates else None
 
 
-def _resolve_tensor_name(name: str | None, tensors: dict) -> str | None:
+def _resolve_tensor_name(name: str | None, tensors: dict | set) -> str | None:
     if name is None:
         return None
     if name in tensors:
@@ -388,12 +388,12 @@ def _aliases(base: "BaseModel", real: dict[str, ModuleRef]) -> Iterable[tuple[st
     if base.layout != "sd-single-file":
         return
     unet_prefix = "model.diffusion_model."
-    ldm = {m[len(unet_prefix):]: ref for m, ref in real.items() if m.startswith(unet_prefix)}
-    if ldm:
-        layers = _ldm_layers_per_block(ldm)
-        for module, ref in ldm.items():
+    ldm_modules = {m[len(unet_prefix):]: ref for m, ref in real.items() if m.startswith(unet_prefix)}
+    if ldm_modules:
+        ldm_layers = _ldm_layers_per_block(ldm_modules)
+        for module, ref in ldm_modules.items():
             yield "unet." + module, ref
-            diffusers = ldm_to_diffusers_unet(module, layers) if layers else None
+            diffusers = ldm_to_diffusers_unet(module, ldm_layers) if ldm_layers else None
             if diffusers is not None:
                 yield "unet." + diffusers, ref
     for module, ref in real.items():

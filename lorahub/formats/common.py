@@ -5,6 +5,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +85,7 @@ def missing_partner(path: Path, present_key: str, missing_key: str) -> LorahubEr
 def peft_magnitude(layer: LoraLayer) -> torch.Tensor:
     """The DoRA magnitude as PEFT stores it: (out,), or (1, out, 1, 1) for a conv (PEFT's
     `_DoraConvNdLayer` keeps the transposed keepdim norm)."""
+    assert layer.magnitude is not None
     magnitude = layer.magnitude.load().reshape(-1)
     if layer.geometry is CONV:
         magnitude = magnitude.reshape(1, -1, *([1] * (len(layer.base_shape) - 2)))
@@ -93,6 +95,7 @@ def peft_magnitude(layer: LoraLayer) -> torch.Tensor:
 def kohya_dora_scale(layer: LoraLayer) -> torch.Tensor:
     """The DoRA magnitude as LyCORIS (wd_on_out) stores `dora_scale`: (out, 1) or (out, 1, 1, 1).
     ComfyUI tells the axis by shape[0] == out."""
+    assert layer.magnitude is not None
     return layer.magnitude.load().reshape(-1, *([1] * (len(layer.base_shape) - 1))).contiguous()
 
 
@@ -139,7 +142,7 @@ def read_layers_metadata(metadata: dict[str, str]) -> dict[str, dict]:
 # PEFT config fields (PEFT directories and diffusers files carry the same LoraConfig)
 
 
-def pattern_value(patterns: dict, name: str, default):
+def pattern_value(patterns: dict | None, name: str, default: Any) -> Any:
     """PEFT's get_pattern_key: the first key K (a regex) with `(.*\\.)?(K)$` matching the name wins."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):

@@ -65,7 +65,7 @@ def write(adapter: Adapter, out: Path) -> Path:
             keyed = {f"{inferred[target]}.{target}": layer for target, layer in keyed.items()}
             has_components = True
     if has_components:
-        by_component: dict[str, list[tuple[str, LoraLayer]]] = {}
+        by_component: dict[str | None, list[tuple[str, LoraLayer]]] = {}
         for key, layer in keyed.items():
             by_component.setdefault(component_of(key), []).append((key, layer))
         for component, items in by_component.items():

@@ -98,11 +98,12 @@ def kohya_to_target(name: str) -> str:
     return component + dotted
 
 
-def target_to_kohya(target: str, components: set[str], has_components: bool = True) -> str:
+def target_to_kohya(target: str, components: set[str | None], has_components: bool = True) -> str:
     """kohya module name; `has_components=False` means the target is a bare model path."""
     component, _, rest = target.partition(".")
     if not has_components:
-        component, rest = (infer_component(target), target) if infer_component(target) else ("", target)
+        inferred = infer_component(target)
+        component, rest = (inferred, target) if inferred else ("", target)
     if component in COMPONENTS and rest:
         if component == "unet":
             prefix = "lora_unet_"

@@ -67,9 +67,10 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
     if path.is_file():
         weights = path
     else:
-        weights = next((directory / name for name in WEIGHTS if (directory / name).is_file()), None)
-        if weights is None:
+        found = next((directory / name for name in WEIGHTS if (directory / name).is_file()), None)
+        if found is None:
             raise LorahubError(f"PEFT directory has {CONFIG} but no {' or '.join(WEIGHTS)}", path=directory)
+        weights = found
     source = TensorSource(weights, allow_pickle=allow_pickle)
     adapter = Adapter(path=directory, format=NAME, config=config, metadata=source.metadata, files=[weights],
                       base_model=config.get("base_model_name_or_path"))
