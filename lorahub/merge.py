@@ -1357,7 +1357,7 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
 def load_inputs(args: Sequence[str], *, input_format: str | None = None,
                 allow_pickle: bool = False) -> list[AdapterInput]:
     """Adapters from `PATH[:WEIGHT]` arguments (local paths or `hf://` references, pulled first)."""
-    from .cliutil import open_adapter
+    from .options import open_adapter
 
     inputs = []
     for arg in args:

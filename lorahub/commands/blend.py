@@ -7,9 +7,20 @@ from typing import Callable
 import click
 from rich.markup import escape
 
-from ..cliutil import adapter_input_options, open_adapter
 from ..errors import LorahubError
-from ..ui import console, json_option, print_json, step_progress, table
+from ..options import (
+    adapter_input_options,
+    device_option,
+    dtype_option,
+    json_option,
+    open_adapter,
+    out_option,
+    output_format_option,
+    rank_method_option,
+    rank_option,
+    rank_param_option,
+)
+from ..ui import console, print_json, step_progress, table
 
 METHOD_CHOICES = ["svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 # `--method sv_fro --param 0.99` is short for `--method svd --rank-method sv_fro --param 0.99`
@@ -21,8 +32,7 @@ def blend_options(default_method: str) -> Callable:
     """The options blend and interpolate share (method, rank rules, element-wise parameters, output)."""
     def decorate(func: Callable) -> Callable:
         options = [
-            click.option("--out", "-o", "out", required=True, type=click.Path(),
-                         help="Output path: a directory for PEFT, a .safetensors file for kohya/diffusers."),
+            out_option(),
             click.option("--method", type=click.Choice(METHOD_CHOICES + DYNAMIC_RANK_METHODS),
                          default=default_method,
                          show_default=True,
@@ -32,15 +42,12 @@ def blend_options(default_method: str) -> Callable:
                               "magnitude_prune (PEFT merge_utils on the dense per-layer deltas, then "
                               "truncated SVD to --rank). sv_ratio / sv_fro / sv_cumulative: svd with "
                               "that --rank-method."),
-            click.option("--rank", type=click.IntRange(min=1), default=None,
-                         help="Rank of svd and element-wise results (default: the largest input rank). "
-                              "With --rank-method, the cap."),
-            click.option("--rank-method", type=click.Choice(["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]),
-                         default="fixed", show_default=True,
-                         help="Per-layer dynamic rank for svd/element-wise (same rules as resize): "
-                              "sv_ratio keeps σ > σ₀/p; sv_fro the smallest k with ‖S_k‖/‖S‖ ≥ p; "
-                              "sv_cumulative the smallest k with ΣS_k/ΣS ≥ p."),
-            click.option("--param", type=float, default=None, help="The --rank-method parameter (e.g. 0.99)."),
+            rank_option(help="Rank of svd and element-wise results (default: the largest input rank). "
+                             "With --rank-method, the cap."),
+            rank_method_option(help="Per-layer dynamic rank for svd/element-wise (same rules as resize): "
+                                    "sv_ratio keeps σ > σ₀/p; sv_fro the smallest k with ‖S_k‖/‖S‖ ≥ p; "
+                                    "sv_cumulative the smallest k with ΣS_k/ΣS ≥ p."),
+            rank_param_option(),
             click.option("--kohya-compat", is_flag=True,
                          help="Dynamic ranks by kohya's rule (one more than needed, at least 2)."),
             click.option("--density", type=float, default=None,
@@ -52,12 +59,9 @@ def blend_options(default_method: str) -> Callable:
             click.option("--split", type=click.Choice(["balanced", "up"]), default="balanced",
                          show_default=True,
                          help="After an SVD: B = U√S, A = √S·Vᵀ (balanced) or B = U·S, A = Vᵀ (up, kohya/PEFT)."),
-            click.option("--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), default=None,
-                         help="Output format (default: the first input's)."),
-            click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-                         help="Output factor dtype (default: the first input's)."),
-            click.option("--device", default="auto", show_default=True,
-                         help="auto (CUDA when available), cpu, cuda, cuda:N."),
+            output_format_option(help="Output format (default: the first input's)."),
+            dtype_option(["float32", "float16", "bfloat16"], help="Output factor dtype (default: the first input's)."),
+            device_option(),
             click.option("--allow-base-mismatch", is_flag=True,
                          help="Accept different base model *names* (shapes are still checked)."),
             click.option("--drop-full-tensors", is_flag=True,

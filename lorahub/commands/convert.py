@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import click
 
-from ..cliutil import adapter_input_options, open_adapter
 from ..convert import convert_adapter
-from ..ui import console, json_option, print_json, warn
+from ..options import adapter_input_options, json_option, open_adapter, out_option, output_format_option
+from ..ui import console, print_json, warn
 
 
 @click.command("convert")
 @click.argument("src")
-@click.option("--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), required=True,
-              help="Output format.")
-@click.option("--out", "out", required=True, type=click.Path(), help="Output path (a directory for peft).")
+@output_format_option(required=True)
+@out_option()
 @click.option("--drop-full-tensors", is_flag=True,
               help="Leave out modules_to_save / saved embedding weights (kohya and diffusers files "
                    "cannot carry them).")

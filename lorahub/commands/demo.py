@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ..demo import run_demo
-from ..ui import console, json_option, print_json
+from ..options import json_option
+from ..ui import console, print_json
 
 
 @click.command("demo")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 from rich.markup import escape
 
-from ..ui import console, err_console, json_option, print_json
+from ..options import json_option, out_option
+from ..ui import console, err_console, print_json
 
 
 def _prompt_choice(labels: list[str]) -> int:
@@ -18,8 +19,8 @@ def _prompt_choice(labels: list[str]) -> int:
 @click.command("pull")
 @click.argument("repo")
 @click.option("--revision", "-r", default=None, help="Branch, tag or commit sha (overrides REPO@REVISION).")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
-              help="Copy the adapter files into this folder (default: leave them in the HF cache).")
+@out_option(required=False, file_okay=False,
+            help="Copy the adapter files into this folder (default: leave them in the HF cache).")
 @click.option("--include", default=None, metavar="PATTERN",
               help="Glob picking the adapter file(s) when the repo holds several (e.g. '*style*.safetensors').")
 @click.option("--no-inspect", is_flag=True, help="Do not inspect the pulled adapter.")

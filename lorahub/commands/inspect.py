@@ -4,9 +4,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..cliutil import adapter_input_options, resolve_path
 from ..inspect import inspect_adapter, nonfinite_error
-from ..ui import console, error_line, human_bytes, json_option, print_json, table
+from ..options import adapter_input_options, json_option, resolve_path
+from ..ui import console, error_line, human_bytes, print_json, table
 
 
 @click.command("inspect")

@@ -4,26 +4,21 @@ from __future__ import annotations
 import click
 from rich.markup import escape
 
-from ..cliutil import FORMAT_CHOICES
-from ..ui import byte_progress, console, human_bytes, json_option, print_json, warn
+from ..options import adapter_input_options, device_option, dtype_option, json_option, out_option, overwrite_option
+from ..ui import byte_progress, console, human_bytes, print_json, warn
 
 _DTYPES = ["auto", "fp32", "fp16", "bf16"]
 
 
 def _common_options(func):
-    func = click.option("--allow-pickle", is_flag=True,
-                        help="Load .bin/.pt adapter pickles (with torch.load(weights_only=True)).")(func)
-    func = click.option("--format", "input_format", type=click.Choice(FORMAT_CHOICES), default="auto",
-                        show_default=True, help="Adapter format (auto-detected from files and keys).")(func)
-    func = click.option("--overwrite", is_flag=True,
-                        help="Replace an existing --out (swapped in only once the new output is complete).")(func)
-    func = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-                        help="Where the arithmetic runs (auto: CUDA when available).")(func)
-    func = click.option("--dtype", type=click.Choice(_DTYPES), default="auto", show_default=True,
+    func = adapter_input_options(func)
+    func = overwrite_option()(func)
+    func = device_option()(func)
+    func = dtype_option(_DTYPES, default="auto",
                         help="Output dtype of floating-point tensors (auto: keep each tensor's dtype; "
                              "a change rewrites every file).")(func)
-    func = click.option("--out", "out", required=True, metavar="DIR",
-                        help="Output directory (written beside it first, renamed into place when complete).")(func)
+    func = out_option(metavar="DIR",
+                      help="Output directory (written beside it first, renamed into place when complete).")(func)
     return func
 
 

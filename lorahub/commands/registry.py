@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 from rich.markup import escape
 
-from ..ui import console, human_bytes, json_option, print_json, table
+from ..options import json_option
+from ..ui import console, human_bytes, print_json, table
 
 
 def _params(n: int | None) -> str:

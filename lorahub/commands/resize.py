@@ -6,9 +6,21 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from ..cliutil import adapter_input_options, open_adapter
 from ..errors import LorahubError
-from ..ui import console, err_console, json_option, print_json, step_progress, table, warn
+from ..options import (
+    adapter_input_options,
+    device_option,
+    dtype_option,
+    json_option,
+    open_adapter,
+    out_option,
+    output_format_option,
+    overwrite_option,
+    rank_method_option,
+    rank_option,
+    rank_param_option,
+)
+from ..ui import console, err_console, print_json, step_progress, table, warn
 
 SAVE_DTYPES = {"keep": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -19,34 +31,30 @@ def _pct(x: float) -> str:
 
 @click.command("resize")
 @click.argument("adapter")
-@click.option("--rank", "-r", type=int, default=None,
-              help="New rank (fixed method) or the cap for dynamic methods.")
-@click.option("--method", type=click.Choice(["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]), default=None,
-              help="Rank rule: fixed (default with --rank), or a dynamic per-layer rule (needs --param).")
-@click.option("--param", type=float, default=None,
-              help="Dynamic rule parameter: sv_ratio keeps σ > σ₀/X (X ≥ 1); sv_fro: minimal rank with "
-                   "‖S_k‖/‖S‖ ≥ X; sv_cumulative: minimal rank with ΣS_k/ΣS ≥ X (0 < X ≤ 1).")
+@rank_option(value_type=int, help="New rank (fixed method) or the cap for dynamic methods.")
+@rank_method_option("--method", default=None,
+                    help="Rank rule: fixed (default with --rank), or a dynamic per-layer rule (needs --param).")
+@rank_param_option(help="Dynamic rule parameter: sv_ratio keeps σ > σ₀/X (X ≥ 1); sv_fro: minimal rank with "
+                        "‖S_k‖/‖S‖ ≥ X; sv_cumulative: minimal rank with ΣS_k/ΣS ≥ X (0 < X ≤ 1).")
 @click.option("--conv-rank", type=int, default=None,
               help="Rank (or cap) for k×k convolutions; default --rank. 1×1 convs count as linear.")
-@click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path),
-              help="Output: a directory for PEFT, a .safetensors file for kohya/diffusers.")
-@click.option("--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), default=None,
-              help="Output format (default: the input's).")
+@out_option(path_type=Path)
+@output_format_option(help="Output format (default: the input's).")
 @click.option("--split", type=click.Choice(["balanced", "up"]), default="balanced", show_default=True,
               help="Where the singular values go: √S to each factor, or all in up (kohya).")
 @click.option("--kohya-compat", is_flag=True,
               help="Use kohya resize_lora.py's dynamic rule (keeps one rank more than needed, at least 2).")
-@click.option("--device", default="cpu", show_default=True, help="torch device for the SVDs (cpu, cuda, cuda:1).")
+@device_option(default="cpu")
 @click.option("--fp64", "use_fp64", is_flag=True, help="Compute the SVDs in float64 (default float32).")
-@click.option("--save-dtype", type=click.Choice(list(SAVE_DTYPES)), default="keep", show_default=True,
+@dtype_option(list(SAVE_DTYPES), "--save-dtype", default="keep",
               help="dtype of the new factors (keep = each layer's stored dtype).")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@overwrite_option("--force")
 @click.option("--all-layers", is_flag=True, help="List every layer in the report (default: at most 40).")
 @adapter_input_options
 @json_option
-def resize(adapter: str, rank: int | None, method: str | None, param: float | None, conv_rank: int | None,
+def resize(adapter: str, rank: int | None, rank_method: str | None, param: float | None, conv_rank: int | None,
            out: Path, to_format: str | None, split: str, kohya_compat: bool, device: str, use_fp64: bool,
-           save_dtype: str, force: bool, all_layers: bool, input_format: str, allow_pickle: bool,
+           dtype: str, overwrite: bool, all_layers: bool, input_format: str, allow_pickle: bool,
            as_json: bool) -> None:
     """Resize (re-rank) ADAPTER: the best rank-R approximation of every layer, exactly.
 
@@ -62,28 +70,24 @@ def resize(adapter: str, rank: int | None, method: str | None, param: float | No
     """
     import torch
 
-    from ..formats import save_adapter
+    from ..devices import resolve_device
+    from ..formats import FORMATS, save_adapter
     from ..resize import resize_adapter
 
-    method = method or ("fixed" if param is None else None)
+    method = rank_method or ("fixed" if param is None else None)
     if method is None:
         raise click.UsageError("--param needs --method (sv_ratio, sv_fro or sv_cumulative)")
     if method == "fixed" and param is not None:
         raise click.UsageError("--param only applies to --method sv_ratio, sv_fro or sv_cumulative")
-    if out.exists() and not force:
+    if out.exists() and not overwrite:
         raise LorahubError("output exists (pass --force to overwrite)", path=out)
     source = open_adapter(adapter, input_format, allow_pickle)
-    fmt = to_format or (source.format if source.format in ("peft", "kohya", "diffusers") else "peft")
+    fmt = to_format or (source.format if source.format in FORMATS else "peft")
     if fmt == "peft" and out.suffix == ".safetensors":  # before the work, not after it
         raise LorahubError("PEFT output is a directory; give a directory for --out or pass --to kohya/diffusers",
                            path=out)
-    out_dtype = getattr(torch, SAVE_DTYPES[save_dtype]) if SAVE_DTYPES[save_dtype] else None
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as exc:
-        raise LorahubError(f"bad --device '{device}': {exc}") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise LorahubError("--device cuda: no CUDA device available")
+    out_dtype = getattr(torch, SAVE_DTYPES[dtype]) if SAVE_DTYPES[dtype] else None
+    torch_device = resolve_device(device)
     with step_progress("resizing", len(source.layers)) as advance:
         resized, report = resize_adapter(
             source, rank=rank, method=method, param=param, conv_rank=conv_rank, kohya_compat=kohya_compat,

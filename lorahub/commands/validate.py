@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 from rich.markup import escape
 
-from ..cliutil import adapter_input_options, open_adapter
-from ..ui import console, json_option, print_json, table, warn
+from ..options import adapter_input_options, json_option, open_adapter
+from ..ui import console, print_json, table, warn
 
 
 @click.command("validate")
