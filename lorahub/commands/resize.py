@@ -86,7 +86,8 @@ def resize(adapter: str, rank: int | None, rank_method: str | None, param: float
     if fmt == "peft" and out.suffix == ".safetensors":  # before the work, not after it
         raise LorahubError("PEFT output is a directory; give a directory for --out or pass --to kohya/diffusers",
                            path=out)
-    out_dtype = getattr(torch, SAVE_DTYPES[dtype]) if SAVE_DTYPES[dtype] else None
+    dtype_name = SAVE_DTYPES[dtype]
+    out_dtype = getattr(torch, dtype_name) if dtype_name else None
     torch_device = resolve_device(device)
     with step_progress("resizing", len(source.layers)) as advance:
         resized, report = resize_adapter(
