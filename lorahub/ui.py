@@ -29,7 +29,6 @@ def _make_console(stderr: bool) -> Console:
 console = _make_console(False)
 err_console = _make_console(True)
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 
 
 def print_json(payload: Any) -> None:
