@@ -67,7 +67,7 @@ def build_base(root: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig
 
-    from lorahub.merge import build_header
+    from lorahub.storage import build_header
 
     marker = root / ".complete"
     if marker.exists() and json.loads(marker.read_text()) == {**cfg, "shard_bytes": shard_bytes}:
@@ -110,7 +110,7 @@ def build_base(root: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> Path:
                 position = int(torch.randint(0, pool.numel(), (1,), generator=g)) * 2
                 remaining = end - begin
                 while remaining:
-                    step = min(remaining, len(pool_bytes) - position, 256 << 10)  # see lorahub.merge
+                    step = min(remaining, len(pool_bytes) - position, 256 << 10)  # see lorahub.storage
                     handle.write(pool_bytes[position: position + step])
                     remaining -= step
                     position = 0

@@ -51,6 +51,7 @@ class BaseTensor(TensorSize):
     shape: tuple[int, ...]
     dtype: str
     file: str | None  # relative to BaseModel.root (local), repo path (Hub), None (registry)
+    key: str | None = None  # the key inside `file` (differs from `name` in diffusers layouts); None: registry
 
 
 @dataclass
@@ -517,7 +518,7 @@ def _load_listing(files: _Files, source: str) -> BaseModel:
                 all_files.append(rel)
                 for info in header.tensors.values():
                     full = f"{folder}.{info.name}"
-                    tensors[full] = BaseTensor(full, info.shape, info.dtype, rel)
+                    tensors[full] = BaseTensor(full, info.shape, info.dtype, rel, info.name)
             if f"{folder}/config.json" in names:
                 config[folder] = files.read_json(f"{folder}/config.json")
         return BaseModel(source=source, name=None, layout="diffusers", tensors=tensors, config=config or None,
@@ -550,7 +551,7 @@ def _load_listing(files: _Files, source: str) -> BaseModel:
         complete &= files.complete(rel, headers[rel])
         for info in headers[rel].tensors.values():
             full = prefix + info.name
-            tensors[full] = BaseTensor(full, info.shape, info.dtype, rel)
+            tensors[full] = BaseTensor(full, info.shape, info.dtype, rel, info.name)
     layout = "diffusers" if prefix else "transformers"
     if prefix:
         config = {prefix[:-1]: config}
@@ -597,7 +598,8 @@ def _load_single_file(files: _Files, rel: str, source: str) -> BaseModel:
     if _looks_like_adapter(header.tensors):
         raise LorahubError("this is a LoRA adapter, not a base model (pass the model it was trained on)",
                            path=f"{files.label}/{rel}")
-    tensors = {info.name: BaseTensor(info.name, info.shape, info.dtype, rel) for info in header.tensors.values()}
+    tensors = {info.name: BaseTensor(info.name, info.shape, info.dtype, rel, info.name)
+               for info in header.tensors.values()}
     sd_keys = sum(1 for name in tensors if name.startswith(SD_SINGLE_FILE_PREFIXES))
     layout = "sd-single-file" if sd_keys and sd_keys >= len(tensors) // 2 else "single-file"
     config = None

@@ -7,10 +7,11 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import LorahubError
 
@@ -212,3 +213,100 @@ def file_hashes(path: Path | str) -> dict[str, str]:
 def legacy_hash_of_bytes(data: bytes) -> str:
     """kohya `sshs_legacy_hash`: sha256 of the 0x10000 bytes at offset 0x100000, first 8 hex."""
     return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+# ---------------------------------------------------------------------------------------------
+# positioned I/O: reading and writing tensor bytes at known offsets without a file object
+
+_COPY_CHUNK = 64 << 20  # copy_file_range per call: its speed does not depend on it; progress does
+# pwrite per call. Measured on Linux 6.18 / ext4: buffered writes of ≥ 512 KB per call ran at 0.4–1.5 GB/s
+# of kernel CPU time (large page-cache folios to allocate), ≤ 256 KB at ~5 GB/s; syscalls are cheap.
+_WRITE_CHUNK = 256 << 10
+
+
+def pread_into(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` from `fd` at `offset`."""
+    view = buffer
+    while len(view):
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            raise LorahubError("unexpected end of file while reading tensor data")
+        view = view[got:]
+        offset += got
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of `data` to `fd` at `offset`."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        done = os.pwrite(fd, view[:_WRITE_CHUNK], offset)
+        view = view[done:]
+        offset += done
+
+
+def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int,
+               advance: Callable[[int], None] | None = None) -> None:
+    """Kernel-side copy (copy_file_range, reflinks where the filesystem has them), else pread/pwrite."""
+    use_kernel = hasattr(os, "copy_file_range")
+    while count > 0:
+        step = min(count, _COPY_CHUNK)
+        done = 0
+        if use_kernel:
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, step, src_off, dst_off)
+            except OSError:
+                use_kernel = False
+        if not use_kernel:
+            step = min(step, 8 << 20)
+            chunk = os.pread(src_fd, step, src_off)
+            if not chunk:
+                raise LorahubError("unexpected end of file while copying")
+            pwrite_all(dst_fd, chunk, dst_off)
+            done = len(chunk)
+        if done <= 0:
+            raise LorahubError("unexpected end of file while copying")
+        src_off += done
+        dst_off += done
+        count -= done
+        if advance:
+            advance(done)
+
+
+def _load_sync_file_range():
+    """libc's sync_file_range, to start writeback of what we just wrote (Linux only)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        func = libc.sync_file_range
+        func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return func
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range() if sys.platform.startswith("linux") else None
+_SYNC_FILE_RANGE_WRITE = 2
+# benchmarks compare with and without the hint
+_NO_WRITEBACK_HINT = os.environ.get("LORAHUB_NO_WRITEBACK_HINT") == "1"
+
+
+def start_writeback(fd: int, offset: int, count: int) -> None:
+    """Ask the kernel to start writing a finished range to disk now (non-blocking), so the disk works
+    while we compute the next tensors instead of all at the final flush. A hint: errors are ignored."""
+    if _SYNC_FILE_RANGE is not None and count > 0 and not _NO_WRITEBACK_HINT:
+        _SYNC_FILE_RANGE(fd, offset, count, _SYNC_FILE_RANGE_WRITE)
+
+
+def build_header(entries: Iterable[tuple[str, str, tuple[int, ...], int, int]],
+                 metadata: dict[str, str] | None) -> bytes:
+    """8-byte length + JSON (space-padded to a multiple of 8), entries in the given order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, dtype, shape, begin, end in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw

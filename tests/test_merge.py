@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from lorahub.adapter import LazyTensor, LoraLayer
 from lorahub.cli import cli
+from lorahub.commands.merge import parse_adapter_arg
 from lorahub.errors import CheckFailed, LorahubError, UnsupportedError
 from lorahub.formats import load_adapter
 from lorahub.merge import (
@@ -30,12 +31,10 @@ from lorahub.merge import (
     AdapterInput,
     Op,
     apply_ops,
-    build_header,
     merge,
-    parse_adapter_arg,
     unmerge,
 )
-from lorahub.storage import read_header
+from lorahub.storage import build_header, read_header
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -1,11 +1,18 @@
 """`lorahub merge` and `lorahub unmerge`."""
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING, Sequence
+
 import click
 from rich.markup import escape
 
+from ..errors import LorahubError
 from ..options import adapter_input_options, device_option, dtype_option, json_option, out_option, overwrite_option
 from ..ui import byte_progress, console, human_bytes, print_json, warn
+
+if TYPE_CHECKING:
+    from ..merge import AdapterInput
 
 _DTYPES = ["auto", "fp32", "fp16", "bf16"]
 
@@ -22,10 +29,36 @@ def _common_options(func):
     return func
 
 
-def _load(args, input_format, allow_pickle):
-    from ..merge import load_inputs
+def parse_adapter_arg(arg: str) -> tuple[str, float | None]:
+    """`PATH[:WEIGHT]`: split on the last ':' only when what follows parses as a number.
 
-    return load_inputs(args, input_format=input_format, allow_pickle=allow_pickle)
+    Paths and hub ids may hold ':' (`hf://org/repo`, `C:\\x`), so `hf://org/repo` stays whole and
+    `hf://org/repo:0.5` is the repo with weight 0.5.
+    """
+    head, sep, tail = arg.rpartition(":")
+    if sep and head and tail and "/" not in tail and "\\" not in tail:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return arg, None
+        if not math.isfinite(weight):
+            raise LorahubError(f"adapter weight must be a finite number, got '{tail}'", path=head)
+        return head, weight
+    return arg, None
+
+
+def load_inputs(args: Sequence[str], *, input_format: str | None = None,
+                allow_pickle: bool = False) -> list[AdapterInput]:
+    """Adapters from `PATH[:WEIGHT]` arguments (local paths or `hf://` references, pulled first)."""
+    from ..merge import AdapterInput
+    from ..options import open_adapter
+
+    inputs = []
+    for arg in args:
+        spec, weight = parse_adapter_arg(arg)
+        adapter = open_adapter(spec, input_format or "auto", allow_pickle)
+        inputs.append(AdapterInput(adapter, 1.0 if weight is None else weight, spec, weight is not None))
+    return inputs
 
 
 def _run(ctx, operation, as_json, call):
@@ -99,7 +132,7 @@ def merge_command(ctx, adapters, base, out, dtype, device, overwrite, input_form
     """
     from ..merge import merge
 
-    inputs = _load(adapters, input_format, allow_pickle)
+    inputs = load_inputs(adapters, input_format=input_format, allow_pickle=allow_pickle)
     _run(ctx, "merge", as_json, lambda progress: merge(
         base, inputs, out, dtype=dtype, device=device, save_originals=save_originals, overwrite=overwrite,
         progress=progress, check=not no_validate))
@@ -135,7 +168,7 @@ def unmerge_command(ctx, adapters, base, out, dtype, device, overwrite, input_fo
     """
     from ..merge import unmerge
 
-    inputs = _load(adapters, input_format, allow_pickle)
+    inputs = load_inputs(adapters, input_format=input_format, allow_pickle=allow_pickle)
     _run(ctx, "unmerge", as_json, lambda progress: unmerge(
         base, inputs, out, dtype=dtype, device=device, overwrite=overwrite, progress=progress,
         check=not no_validate, exact=exact))
