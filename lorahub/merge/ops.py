@@ -61,16 +61,14 @@ class Workspace:
 
 
 # ---------------------------------------------------------------------------------------------
-# orientation: the only place that knows how a base weight stores the layer's (n, k) matrix
+# orientation: the layer's kind (lorahub.kinds) knows how a base weight stores its (n, k) matrix
 
 
 def _math_view(weight: torch.Tensor, layer: LoraLayer) -> tuple[torch.Tensor, bool]:
     """The (n, k) view of a base-layout tensor (rows: the layer's output features), and whether it is
     the transpose of the stored matrix (Conv1D and embedding weights store (k, n))."""
-    n = layer.out_features
-    if layer.kind == "embedding" or layer.fan_in_fan_out:
-        return weight.view(-1, n).T, True
-    return weight.view(n, -1), False
+    kind = layer.geometry
+    return kind.math_view(weight, layer.out_features), kind.transposed
 
 
 def _check_shape(weight: torch.Tensor, layer: LoraLayer, name: str) -> None:
@@ -101,7 +99,7 @@ def _add_delta(weight: torch.Tensor, layer: LoraLayer, coeff: float, device: tor
     scale = coeff * layer.scale
     if scale == 0:
         return
-    if layer.kind == "conv" and any(size != 1 for size in layer.kernel_size):
+    if layer.is_spatial:
         # k×k kernels: PEFT (and diffusers' fuse_lora) form ΔW as a convolution of the factors
         down = layer.A.load().to(device=device, dtype=torch.float32)
         up = layer.B.load().to(device=device, dtype=torch.float32)

@@ -16,6 +16,7 @@ import torch
 from .. import __version__
 from ..adapter import Adapter
 from ..errors import LorahubError
+from ..formats.peft import CONFIG as PEFT_CONFIG
 from ..storage import build_header, file_sha256, pwrite_all
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def adapter_fingerprint(adapter: Adapter) -> dict[str, str]:
     """sha256 of each file the adapter's math comes from (weights and, for PEFT, its config)."""
     files: list[Path] = [Path(f) for f in adapter.files]
     if adapter.path is not None and Path(adapter.path).is_dir():
-        config = Path(adapter.path) / "adapter_config.json"
+        config = Path(adapter.path) / PEFT_CONFIG
         if config.is_file():
             files.append(config)
     return {f.name: _cached_sha256(f) for f in files if f.is_file()}
