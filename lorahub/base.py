@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import json
 import re
-import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
+from . import hub
 from .adapter import TensorSize
 from .errors import LorahubError
 from .formats.peft import CONFIG as PEFT_CONFIG
-from .storage import MAX_HEADER_BYTES, SafetensorsHeader, is_pickle_path, parse_header_bytes, read_header
+from .storage import SafetensorsHeader, is_pickle_path, read_header
 
 LAYOUTS = ("transformers", "diffusers", "sd-single-file", "single-file")
 
@@ -42,7 +41,6 @@ _CLASS_COMPONENTS = (("UNet", "unet"), ("Transformer", "transformer"), ("CLIPTex
 # keys that mark a Stable Diffusion (LDM/SGM) single-file checkpoint
 SD_SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.",
                            "first_stage_model.")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -127,12 +125,6 @@ class BaseModel:
             return None
         return self.root / tensor.file
 
-    def tensors_by_file(self) -> dict[str | None, list[str]]:
-        out: dict[str | None, list[str]] = {}
-        for tensor in self.tensors.values():
-            out.setdefault(tensor.file, []).append(tensor.name)
-        return out
-
     # ------------------------------------------------------------------ manifests
     def to_manifest(self, name: str | None = None, **extra: Any) -> dict:
         """The registry manifest of this base: names, shapes, dtypes (no files, no data)."""
@@ -180,26 +172,26 @@ def load_base(spec: str | Path, *, revision: str | None = None, token: str | boo
     """
     text = str(spec)
     path = Path(text).expanduser()
-    if not text.startswith("hf://") and path.exists():
+    if not hub.is_hub_ref(text) and path.exists():
         if path.is_dir():
             return _load_listing(_LocalFiles(path), source=text)
         return _load_single_file(_LocalFiles(path.parent), path.name, source=text)
 
-    if not text.startswith("hf://"):
+    if not hub.is_hub_ref(text):
         from . import registry
 
         manifest = registry.find_manifest(text, by_repo_id=False)
         if manifest is not None:
             return registry.load_manifest(manifest)
 
-    repo_id, rev, sub = parse_repo_spec(text)
+    repo_id, rev, sub = hub.parse_repo_spec(text)
     if repo_id is None:
         raise LorahubError("no such file or directory, registry name or Hub repo "
                            "(see `lorahub registry list`; Hub repos are owner/name[@revision])", path=text)
     rev = revision or rev
     try:
         return load_hub_base(repo_id, revision=rev, subpath=sub, token=token, source=text)
-    except _HubUnreachable as exc:
+    except hub.HubUnreachable as exc:
         if offline_fallback:
             from . import registry
 
@@ -207,28 +199,11 @@ def load_base(spec: str | Path, *, revision: str | None = None, token: str | boo
             if manifest is not None:
                 from .ui import warn
 
-                warn(f"cannot reach the Hub ({exc}); using the registry manifest '{manifest.name}' for {repo_id}")
+                warn(f"cannot reach the Hub ({exc.reason}); using the registry manifest '{manifest.name}' "
+                     f"for {repo_id}")
                 return registry.load_manifest(manifest)
-        raise LorahubError(f"cannot reach the Hub to read {repo_id}: {exc} (offline? a registry name works "
+        raise LorahubError(f"cannot reach the Hub to read {repo_id}: {exc.reason} (offline? a registry name works "
                            f"without network: `lorahub registry list`)") from None
-
-
-def parse_repo_spec(text: str) -> tuple[str | None, str | None, str | None]:
-    """(repo_id, revision, path in repo) of `hf://owner/name[@rev][/path]` or `owner/name[@rev]`."""
-    explicit = text.startswith("hf://")
-    body = text[len("hf://"):] if explicit else text
-    parts = body.strip("/").split("/")
-    if len(parts) < 2 or (len(parts) > 2 and not explicit):
-        return None, None, None
-    owner, name = parts[0], parts[1]
-    rev = None
-    if "@" in name:
-        name, rev = name.split("@", 1)
-    repo_id = f"{owner}/{name}"
-    if not _REPO_ID.match(repo_id) or (rev is not None and not rev):
-        return None, None, None
-    sub = "/".join(parts[2:]) or None
-    return repo_id, rev, sub
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,113 +274,27 @@ class _LocalFiles(_Files):
             return False
 
 
-class _HubUnreachable(Exception):
-    pass
-
-
 class _HubFiles(_Files):
-    """A Hub repo at one commit; safetensors headers through two Range requests per file."""
+    """A Hub repo at one commit, through lorahub.hub: safetensors headers by two Range requests per file."""
 
     def __init__(self, repo_id: str, revision: str | None, token: str | bool | None):
-        from huggingface_hub import HfApi
-
         self.repo_id = repo_id
         self.token = token
-        self.api = HfApi()
-        info = _hub_call(lambda: self.api.model_info(repo_id, revision=revision, token=token), repo_id, revision)
-        self.sha = info.sha or revision or "main"
-        self.requested = revision
+        sha, self._listing = hub.list_files(repo_id, revision, token)
+        self.sha = sha or revision or "main"
         self.label = f"{repo_id}@{revision}" if revision else repo_id
-        self._listing = sorted(s.rfilename for s in (info.siblings or []))
 
     def listing(self) -> list[str]:
         return self._listing
 
-    def _get(self, rel: str, byte_range: str | None = None) -> bytes:
-        from huggingface_hub import constants, hf_hub_url
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-        url = hf_hub_url(self.repo_id, rel, revision=self.sha, endpoint=constants.ENDPOINT)
-        headers = build_hf_headers(token=self.token)
-        if byte_range:
-            headers["Range"] = f"bytes={byte_range}"
-
-        def call() -> bytes:
-            response = get_session().get(url, headers=headers, timeout=30)
-            hf_raise_for_status(response)
-            return response.content
-
-        return _hub_call(call, self.repo_id, self.sha, rel)
-
     def read_json(self, rel: str) -> Any:
-        raw = self._get(rel)
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LorahubError(f"invalid JSON ({exc})", path=f"{self.repo_id}/{rel}") from None
+        return hub.read_json(self.repo_id, rel, self.sha, self.token)
 
     def header(self, rel: str) -> SafetensorsHeader:
-        label = f"{self.repo_id}/{rel}"
-        head = self._get(rel, "0-7")[:8]
-        if len(head) < 8:
-            raise LorahubError("not a safetensors file (shorter than 8 bytes)", path=label)
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_HEADER_BYTES:
-            raise LorahubError(f"not a safetensors file or corrupt header (header length {header_len})", path=label)
-        raw = self._get(rel, f"8-{8 + header_len - 1}")[:header_len]
-        if len(raw) < header_len or raw[:1] != b"{":
-            raise LorahubError("not a safetensors file (header does not start with '{')", path=label)
-        return parse_header_bytes(raw, label, None)
+        return hub.read_header(self.repo_id, rel, self.sha, self.token)
 
     def headers(self, rels: Iterable[str]) -> dict[str, SafetensorsHeader]:
-        rels = list(rels)
-        if len(rels) <= 1:
-            return {rel: self.header(rel) for rel in rels}
-        with ThreadPoolExecutor(max_workers=min(8, len(rels))) as pool:
-            return dict(zip(rels, pool.map(self.header, rels)))
-
-
-def _hub_call(call: Callable[[], Any], repo_id: str, revision: str | None, rel: str | None = None) -> Any:
-    """Run a huggingface_hub call; turn its exceptions into one-line lorahub errors."""
-    from huggingface_hub import errors
-
-    where = f"{repo_id}/{rel}" if rel else repo_id
-    try:
-        return call()
-    except errors.GatedRepoError:
-        raise LorahubError("gated repo: accept its terms on the Hub and log in (HF_TOKEN or `hf auth login`)",
-                           path=where) from None
-    except errors.RepositoryNotFoundError:
-        raise LorahubError("repository not found on the Hub (or private: log in with HF_TOKEN)",
-                           path=repo_id) from None
-    except errors.RevisionNotFoundError:
-        raise LorahubError(f"revision '{revision}' not found", path=repo_id) from None
-    except errors.EntryNotFoundError:
-        raise LorahubError("file not found in the repo", path=where) from None
-    except errors.HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status is not None and status >= 500:
-            raise _HubUnreachable(f"HTTP {status}") from None
-        raise LorahubError(f"Hub request failed: {str(exc).splitlines()[0]}", path=where) from None
-    except Exception as exc:  # connection refused, DNS, timeouts, HF_HUB_OFFLINE=1
-        if type(exc).__name__ == "OfflineModeIsEnabled" or isinstance(exc, (OSError, *_transport_errors())):
-            text = str(exc).splitlines()[0] if str(exc) else ""
-            raise _HubUnreachable(f"{type(exc).__name__}: {text}".rstrip(": ")) from None
-        raise
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = []
-    for module_name in ("httpx2", "httpx", "requests"):
-        try:
-            module = __import__(module_name)
-        except ImportError:
-            continue
-        for attr in ("TransportError", "ConnectionError", "Timeout", "TimeoutException"):
-            value = getattr(module, attr, None)
-            if isinstance(value, type) and issubclass(value, BaseException):
-                errors.append(value)
-    return tuple(errors)
+        return hub.read_headers(self.repo_id, rels, self.sha, self.token)
 
 
 def load_hub_base(repo_id: str, *, revision: str | None = None, subpath: str | None = None,
@@ -416,7 +305,7 @@ def load_hub_base(repo_id: str, *, revision: str | None = None, subpath: str | N
     if subpath:
         if subpath.endswith(".safetensors"):
             if subpath not in files.listing():
-                raise LorahubError("file not found in the repo", path=f"{repo_id}/{subpath}")
+                raise hub.file_not_found(repo_id, subpath, revision)
             base = _load_single_file(files, subpath, source=source)
         else:
             base = _load_listing(_SubFiles(files, subpath), source=source)

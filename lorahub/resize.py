@@ -86,10 +86,6 @@ class ResizeReport:
     def worst(self) -> LayerResize | None:
         return min(self.layers, key=lambda layer: layer.energy_retained, default=None)
 
-    @property
-    def ranks_differ(self) -> bool:
-        return len({layer.new_rank for layer in self.layers}) > 1
-
     def summary(self) -> dict:
         worst = self.worst
         return {

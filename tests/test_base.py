@@ -12,8 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorahub import storage
-from lorahub.base import BaseModel, load_base, parse_repo_spec
+from lorahub.base import BaseModel, load_base
 from lorahub.errors import LorahubError
+from lorahub.hub import parse_repo_spec
 from lorahub.names import diffusers_to_ldm_unet
 
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}

@@ -412,7 +412,7 @@ def test_pull_out_never_leaves_a_partial_file(hub_env, adapter_repo, peft_lora_d
     import shutil as real_shutil
     import types
 
-    import lorahub.hub as hub
+    import lorahub.hub.download as hub
 
     calls = []
 
