@@ -10,13 +10,23 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from ..errors import LorahubError
-from ..formats import peft
+from ..formats import all_formats
 from ..storage import PICKLE_SUFFIXES
 from .client import file_not_found
 
 SAFETENSORS = ".safetensors"
 # a full model's weights (model.safetensors, model-00001-of-00002.safetensors, ...), never an adapter
 _BASE_WEIGHT = re.compile(r"(model|diffusion_pytorch_model|pytorch_model)(-\d+-of-\d+)?\.safetensors")
+
+
+def _directory_layouts() -> list[tuple[str, tuple[str, ...]]]:
+    """(config file, weight files in order of preference) of each directory format in the registry."""
+    return [(fmt.marker_files[0], fmt.marker_files[1:]) for fmt in all_formats()
+            if fmt.directory and len(fmt.marker_files) > 1]
+
+
+def _config_names() -> set[str]:
+    return {config for config, _ in _directory_layouts()}
 
 
 def _join(folder: str, name: str) -> str:
@@ -31,18 +41,22 @@ def adapter_candidates(files: list[str]) -> list[list[str]]:
     """Groups of files that each make one adapter: a PEFT folder (config + weights) or one file."""
     groups: list[list[str]] = []
     peft_dirs = set()
+    layouts = _directory_layouts()
+    directory_weights = {name for _, weights in layouts for name in weights}
     for f in sorted(files):
         p = PurePosixPath(f)
-        if p.name == peft.CONFIG:
+        for config, weight_names in layouts:
+            if p.name != config:
+                continue
             folder = _folder(p)
-            weights = [w for w in peft.WEIGHTS if _join(folder, w) in files]
+            weights = [w for w in weight_names if _join(folder, w) in files]
             if weights:
                 peft_dirs.add(folder)
                 # safetensors preferred; a pickle only when that is all there is
                 groups.append([f, _join(folder, weights[0])])
     for f in sorted(files):
         p = PurePosixPath(f)
-        if _folder(p) in peft_dirs or p.name in peft.WEIGHTS:
+        if _folder(p) in peft_dirs or p.name in directory_weights:
             continue
         if p.suffix == SAFETENSORS and not _BASE_WEIGHT.fullmatch(p.name):
             groups.append([f])
@@ -52,7 +66,7 @@ def adapter_candidates(files: list[str]) -> list[list[str]]:
 def peft_folder(chosen: list[str]) -> PurePosixPath | None:
     """The repo folder of a PEFT adapter group (`.` at the root); None for a single-file adapter."""
     first = PurePosixPath(chosen[0])
-    return first.parent if first.name == peft.CONFIG else None
+    return first.parent if first.name in _config_names() else None
 
 
 def _label(group: list[str]) -> str:
@@ -70,7 +84,7 @@ def choose_adapter_files(files: list[str], *, repo_id: str, include: str | None 
     if path:
         path = path.strip("/")
         if path in files:
-            if PurePosixPath(path).name == peft.CONFIG:
+            if PurePosixPath(path).name in _config_names():
                 return next((g for g in adapter_candidates(files) if g[0] == path), [path])
             return [path]
         scope = [f for f in files if f.startswith(path + "/")]
@@ -92,7 +106,8 @@ def choose_adapter_files(files: list[str], *, repo_id: str, include: str | None 
         if not groups:
             pickles = [f for f in scope if PurePosixPath(f).suffix in PICKLE_SUFFIXES]
             hint = f" (pickle files: {', '.join(pickles[:5])}; pass --include to pull one)" if pickles else ""
-            raise LorahubError(f"no adapter in Hub repository '{repo_id}': no {peft.CONFIG} with "
+            configs = " or ".join(sorted(_config_names()))
+            raise LorahubError(f"no adapter in Hub repository '{repo_id}': no {configs} with "
                                f"weights and no LoRA {SAFETENSORS} file{hint}")
     if len(groups) == 1:
         return groups[0]

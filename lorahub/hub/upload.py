@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CheckFailed, LorahubError
-from ..formats import peft
+from ..formats import all_formats
 from .card import render_card
 from .client import client, current_token, hub_errors, is_offline
 from .refs import check_repo_id, is_hub_ref, looks_like_repo_id, parse_ref
@@ -37,9 +37,10 @@ def _upload_files(path: Path, info: dict) -> list[tuple[str, Path]]:
     """(path in repo, local file) for the adapter: PEFT config + weights, or the single file."""
     if path.is_dir():
         out = []
-        config = path / peft.CONFIG
-        if config.is_file():
-            out.append((peft.CONFIG, config))
+        for fmt in all_formats():
+            config = path / fmt.marker_files[0] if fmt.directory and fmt.marker_files else None
+            if config is not None and config.is_file():
+                out.append((config.name, config))
         for entry in info.get("files") or []:
             file = Path(entry["path"]).resolve()
             root = path.resolve()
