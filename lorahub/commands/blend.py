@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import click
 from rich.markup import escape
 
+from ..blend import DEFAULT_METHOD, RANK_METHODS, BlendOptions, blend, method_names, parse_weights
+from ..blend.registry import declarations, describe_param, method_help, shared_range
 from ..errors import LorahubError
 from ..options import (
     adapter_input_options,
@@ -22,43 +24,57 @@ from ..options import (
 )
 from ..ui import console, print_json, step_progress, table
 
-METHOD_CHOICES = ["svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+# the methods and their options come from the blend method registry (lorahub/blend/registry.py)
+METHOD_CHOICES = list(method_names())
 # `--method sv_fro --param 0.99` is short for `--method svd --rank-method sv_fro --param 0.99`
-DYNAMIC_RANK_METHODS = ["sv_ratio", "sv_fro", "sv_cumulative"]
+DYNAMIC_RANK_METHODS = [rule for rule in RANK_METHODS if rule != "fixed"]
 TABLE_LIMIT = 40  # layers printed in full; beyond that the worst ones (all with --all-layers)
+# method parameters that other commands spell too take the shared decorator, with the registry's help
+SHARED_OPTIONS: dict[str, Callable[..., Callable]] = {
+    "rank": rank_option, "rank_method": rank_method_option, "param": rank_param_option}
+
+
+def method_param_options() -> list[Callable]:
+    """One option per method parameter declared in the registry: its type, choices, default and help.
+
+    A range every method agrees on is checked by Click (a usage error, exit 2); one that depends on the
+    method (DARE's density) is checked by blend once the method is known (exit 1).
+    """
+    options = []
+    for name, declared in declarations().items():
+        if name in SHARED_OPTIONS:
+            options.append(SHARED_OPTIONS[name](help=describe_param(name)))
+            continue
+        first = declared[0]
+        kwargs: dict[str, Any] = {"default": first.default, "help": describe_param(name)}
+        if first.type is bool:
+            kwargs["is_flag"] = True
+        elif first.choices:
+            kwargs.update(type=click.Choice(list(first.choices)), show_default=True)
+        else:
+            shared = shared_range(name)
+            if shared is not None and first.type is int and (shared.min is not None or shared.max is not None):
+                low, high = (None if x is None else int(x) for x in (shared.min, shared.max))
+                kwargs["type"] = click.IntRange(min=low, max=high, min_open=shared.min_open)
+            elif shared is not None and (shared.min is not None or shared.max is not None):
+                kwargs["type"] = click.FloatRange(min=shared.min, max=shared.max, min_open=shared.min_open)
+            else:
+                kwargs["type"] = first.type
+            kwargs["show_default"] = first.default is not None
+        options.append(click.option(first.flag, name, **kwargs))
+    return options
 
 
 def blend_options(default_method: str) -> Callable:
-    """The options blend and interpolate share (method, rank rules, element-wise parameters, output)."""
+    """The options blend and interpolate share (method, its parameters, output)."""
     def decorate(func: Callable) -> Callable:
         options = [
             out_option(),
             click.option("--method", type=click.Choice(METHOD_CHOICES + DYNAMIC_RANK_METHODS),
                          default=default_method,
                          show_default=True,
-                         help="How to combine: cat (exact, rank Σrᵢ), svd (exact sum truncated to "
-                              "--rank by the factored SVD), linear (PEFT's factor-space sum: approximate, "
-                              "has cross terms BᵢAⱼ, equal ranks only), ties / dare_linear / dare_ties / "
-                              "magnitude_prune (PEFT merge_utils on the dense per-layer deltas, then "
-                              "truncated SVD to --rank). sv_ratio / sv_fro / sv_cumulative: svd with "
-                              "that --rank-method."),
-            rank_option(help="Rank of svd and element-wise results (default: the largest input rank). "
-                             "With --rank-method, the cap."),
-            rank_method_option(help="Per-layer dynamic rank for svd/element-wise (same rules as resize): "
-                                    "sv_ratio keeps σ > σ₀/p; sv_fro the smallest k with ‖S_k‖/‖S‖ ≥ p; "
-                                    "sv_cumulative the smallest k with ΣS_k/ΣS ≥ p."),
-            rank_param_option(),
-            click.option("--kohya-compat", is_flag=True,
-                         help="Dynamic ranks by kohya's rule (one more than needed, at least 2)."),
-            click.option("--density", type=float, default=None,
-                         help="Element-wise methods: fraction of entries kept per delta (0–1)."),
-            click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total",
-                         show_default=True, help="ties / dare_ties sign election."),
-            click.option("--seed", type=int, default=0, show_default=True,
-                         help="DARE random masks (seeded per module; same device → same result)."),
-            click.option("--split", type=click.Choice(["balanced", "up"]), default="balanced",
-                         show_default=True,
-                         help="After an SVD: B = U√S, A = √S·Vᵀ (balanced) or B = U·S, A = Vᵀ (up, kohya/PEFT)."),
+                         help=method_help() + " sv_ratio / sv_fro / sv_cumulative: svd with that --rank-method."),
+            *method_param_options(),
             output_format_option(help="Output format (default: the first input's)."),
             dtype_option(["float32", "float16", "bfloat16"], help="Output factor dtype (default: the first input's)."),
             device_option(),
@@ -80,7 +96,7 @@ def blend_options(default_method: str) -> Callable:
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--weights", "-w", "weights_text", required=True,
               help="One weight per adapter, comma-separated (any real numbers; negative subtracts): 0.7,0.3")
-@blend_options("svd")
+@blend_options(DEFAULT_METHOD)
 @adapter_input_options
 @json_option
 def blend_command(adapters, weights_text, **kwargs):
@@ -100,8 +116,6 @@ def blend_command(adapters, weights_text, **kwargs):
       lorahub blend a/ b/ -w 1,1 --rank-method sv_fro --param 0.99 --out mix/
       lorahub blend a/ b/ c/ -w 2,1,1 --method ties --density 0.2 --rank 32 --out ties/
     """
-    from ..blend import parse_weights
-
     _run(adapters, parse_weights(weights_text), **kwargs)
 
 
@@ -126,24 +140,21 @@ def interpolate_command(adapter_a, adapter_b, t, **kwargs):
     _run([adapter_a, adapter_b], [1.0 - t, t], **kwargs)
 
 
-def _run(adapter_args, weights, *, out, method, rank, rank_method, param, kohya_compat, density,
-         majority_sign, seed, split, to_format, dtype, device, allow_base_mismatch, drop_full_tensors, all_layers,
-         input_format, allow_pickle, as_json):
-    from ..blend import BlendOptions, blend
+def _run(adapter_args, weights, *, out, method, to_format, dtype, device, allow_base_mismatch, drop_full_tensors,
+         all_layers, input_format, allow_pickle, as_json, **method_params):
     from ..formats import save_adapter
 
     if len(adapter_args) != len(weights):
         raise LorahubError(f"{len(adapter_args)} adapters but {len(weights)} weights; give one weight per "
                            f"adapter")
     if method in DYNAMIC_RANK_METHODS:
+        rank_method = method_params["rank_method"]
         if rank_method not in ("fixed", method):
             raise click.UsageError(f"--method {method} already sets the rank rule; drop --rank-method {rank_method}")
-        method, rank_method = "svd", method
+        method, method_params["rank_method"] = "svd", method
     adapters = [open_adapter(arg, input_format, allow_pickle) for arg in adapter_args]
-    options = BlendOptions(method=method, rank=rank, rank_method=rank_method, param=param,
-                           kohya_compat=kohya_compat, density=density, majority_sign=majority_sign,
-                           seed=seed, split=split, device=device, dtype=dtype,
-                           allow_base_mismatch=allow_base_mismatch, drop_full_tensors=drop_full_tensors)
+    options = BlendOptions(method=method, device=device, dtype=dtype, allow_base_mismatch=allow_base_mismatch,
+                           drop_full_tensors=drop_full_tensors).with_values(**method_params)
     total = len({t for a in adapters for t in a.layers})
     with step_progress("blending layers", total) as advance:
         result = blend(adapters, weights, options, to=to_format, progress=advance)
@@ -184,8 +195,8 @@ def _render(report: dict, all_layers: bool) -> None:
     layers = report["layers"]
     title = "layers"
     if len(layers) > TABLE_LIMIT and not all_layers:
-        layers = sorted(layers, key=lambda l: (l["energy_retained"] if l["energy_retained"] is not None
-                                               else 1.0, -l["rel_error"]))[:10]
+        layers = sorted(layers, key=lambda row: (row["energy_retained"] if row["energy_retained"] is not None
+                                                 else 1.0, -row["rel_error"]))[:10]
         title = f"10 of {len(report['layers'])} layers, least energy kept first (--all-layers, --json for all)"
     rows = [[layer["target"], "+".join(str(r) for r in layer["input_ranks"]), layer["rank"],
              _fmt(layer["energy_retained"]), f"{layer['rel_error']:.3g}", layer["note"]] for layer in layers]
