@@ -105,8 +105,7 @@ class Param:
     min_open: bool = False  # (min, …] rather than [min, …]
     required: bool = False
     why: str = ""  # appended to the out-of-range message
-    # a value other than the default given to a method without this parameter is refused; False for
-    # parameters that other methods have always accepted and ignored (kept so: behaviour unchanged)
+    # True: refused when given to a method without it; False: ignored there, as blend always did for it
     strict: bool = True
     recorded: Callable[[BlendOptions], bool] | None = None  # in the report's options only when this holds
 
@@ -140,7 +139,7 @@ class Param:
         if self.type in (int, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise LorahubError(f"{self.flag} must be a number, got {value!r}")
-            if self.type is int and value != int(value):
+            if self.type is int and not float(value).is_integer():
                 raise LorahubError(f"{self.flag} must be an integer, got {value!r}")
             if not self.in_range(value):
                 raise LorahubError(f"{self.flag} must be {self.range_text()}, got {_num(value)}"
