@@ -9,13 +9,13 @@ import torch
 from torch import Tensor
 
 from ..errors import LorahubError
+from ..lowrank import METHODS as RANK_METHODS
 from ..lowrank import LowRankSVD, choose_rank, retention, split_factors
 from .registry import LayerContext, Param, Term
 
 if TYPE_CHECKING:
     from .api import BlendOptions
 
-RANK_METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
 SPLITS = ("balanced", "up", "down")
 # a layer whose exact sum is below this fraction of Σ|cᵢ|·‖Bᵢ‖·‖Aᵢ‖ cancelled out (A − A): fp32 SVD
 # of such a sum is rounding noise, so the layer is dropped instead of written as noise
