@@ -171,11 +171,9 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_base_mismatch: bool =
                 seen[target] = (adapter, layer)
                 continue
             first_adapter, first = seen[target]
-            if (first.kind, first.fan_in_fan_out) != (layer.kind, layer.fan_in_fan_out):
-                def describe(x: LoraLayer) -> str:
-                    return x.kind + (" (Conv1D, fan_in_fan_out)" if x.fan_in_fan_out else "")
-                raise LorahubError(f"module '{target}' is a {describe(first)} layer in {first_adapter.name} "
-                                   f"but a {describe(layer)} layer in {adapter.name}; blend refuses "
+            if first.geometry is not layer.geometry:
+                raise LorahubError(f"module '{target}' is a {first.geometry.name} layer in {first_adapter.name} "
+                                   f"but a {layer.geometry.name} layer in {adapter.name}; blend refuses "
                                    f"different layer kinds on one module", path=adapter.path)
             if first.base_shape != layer.base_shape:
                 raise LorahubError(
