@@ -136,7 +136,7 @@ Merge = Callable[[list[Tensor], Tensor], Tensor]
 
 
 def dense_then_svd(terms: Sequence[Term], ctx: LayerContext, merge: Merge) -> LayerResult:
-    """`merge` on the dense ΔWᵢ = sᵢBᵢAᵢ (and on the lora_B biases), then the truncated SVD of the result."""
+    """`merge` on the dense ΔWᵢ = sᵢBᵢAᵢ (and on the LoRA biases), then the truncated SVD of the result."""
     deltas = [(t.up * t.scale) @ t.down for t in terms]
     weights = torch.tensor([t.weight for t in terms], dtype=torch.float32, device=ctx.device)
     merged = merge(deltas, weights)

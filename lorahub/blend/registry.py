@@ -43,7 +43,7 @@ class Term:
     scale: float
     up: Tensor  # n×r, unscaled, fp32 on the compute device
     down: Tensor  # r×k
-    bias: Tensor | None  # lora_B bias (added to the base bias as scale·bias)
+    bias: Tensor | None  # the LoRA bias (added to the base bias as scale·bias)
 
     @property
     def coeff(self) -> float:
