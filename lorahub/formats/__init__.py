@@ -8,18 +8,20 @@ The registry: each format module declares its `FORMATS` records (`lorahub.format
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from ..adapter import Adapter
 from ..errors import LorahubError
 from ..storage import is_pickle_path
-from . import diffusers, kohya, peft
 from .common import ADAPTER_KEY_MARKERS, TensorSource
 from .spec import Format
 
-_MODULES = (peft, kohya, diffusers)
+# the format modules, in the order the CLI lists their formats: adding a format adds its name here
+_MODULES = ("peft", "kohya", "diffusers")
 
-_REGISTRY: dict[str, Format] = {fmt.name: fmt for module in _MODULES for fmt in module.FORMATS}
+_REGISTRY: dict[str, Format] = {fmt.name: fmt for module in _MODULES
+                                for fmt in importlib.import_module(f"{__name__}.{module}").FORMATS}
 # the names the CLI offers: the writable ones for --to; every format, read-only ones last, for reading
 FORMATS = tuple(name for name, fmt in _REGISTRY.items() if fmt.writable)
 READ_FORMATS = FORMATS + tuple(name for name, fmt in _REGISTRY.items() if not fmt.writable)
