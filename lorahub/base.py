@@ -4,13 +4,15 @@ Everything here comes from safetensors *headers* (8 bytes + the JSON header of e
 costs a few hundred kilobytes of reads, locally or over the Hub (HTTP Range requests), and no tensor
 data is ever read. Sources (`load_base`):
 
-| spec                                   | layout                                                  |
-| -------------------------------------- | ------------------------------------------------------- |
-| a transformers model directory         | `model.safetensors` or shards + `model.safetensors.index.json` |
-| a diffusers pipeline directory         | `unet/`, `text_encoder/`, `text_encoder_2/`, `transformer/`, ... (names prefixed `unet.` etc.) |
-| one `.safetensors` file                | an SD/SDXL single-file checkpoint (`model.diffusion_model.…`) or any other state dict |
-| a registry name (`llama-3-8b`)         | a shape manifest shipped with lorahub or added with `lorahub registry add` |
-| `owner/name[@rev]`, `hf://owner/name[@rev][/path]` | the same layouts on the Hub, headers fetched with Range requests |
+| spec                           | layout                                                                           |
+| ------------------------------ | -------------------------------------------------------------------------------- |
+| a transformers model directory | `model.safetensors` or shards + `model.safetensors.index.json`                   |
+| a diffusers pipeline directory | `unet/`, `text_encoder/`, `text_encoder_2/`, `transformer/`, ... (names prefixed |
+|                                | `unet.` etc.)                                                                    |
+| one `.safetensors` file        | an SD/SDXL single-file checkpoint (`model.diffusion_model.…`), or any state dict |
+| a registry name (`llama-3-8b`) | a shape manifest shipped with lorahub or added with `lorahub registry add`       |
+| `owner/name[@rev]`,            | the same layouts on the Hub, headers fetched with Range requests                 |
+| `hf://owner/name[@rev][/path]` |                                                                                  |
 
 Tensor names of diffusers layouts carry the component as a prefix (`unet.down_blocks.0…weight`,
 `text_encoder.text_model…`), the way diffusers names LoRA targets; `BaseTensor.file` is the path of
@@ -133,7 +135,7 @@ class BaseModel:
             "name": name or self.name or self.source,
             "repo_id": self.repo_id,
             "layout": self.layout,
-            "dtype": max(dtypes, key=dtypes.get) if dtypes else None,
+            "dtype": max(dtypes, key=dtypes.__getitem__) if dtypes else None,
             "params": self.num_params,
         }
         manifest.update({k: v for k, v in self.metadata.items() if k not in manifest})
@@ -363,7 +365,8 @@ def _pick_weights(names: set[str], folder: str = "") -> list[str] | str | None:
             return [pre + f"{stem}.safetensors"]
     # variants (diffusion_pytorch_model.fp16.safetensors) when no plain file exists
     for stem in _WEIGHT_STEMS:
-        variants = [n for n in here if re.fullmatch(re.escape(stem) + r"\.[A-Za-z0-9_-]+\.safetensors(\.index\.json)?", n)]
+        variant = re.escape(stem) + r"\.[A-Za-z0-9_-]+\.safetensors(\.index\.json)?"
+        variants = [n for n in here if re.fullmatch(variant, n)]
         if variants:
             index = [n for n in variants if n.endswith(".index.json")]
             return pre + index[0] if index else [pre + variants[0]]
@@ -384,8 +387,8 @@ def _load_listing(files: _Files, source: str) -> BaseModel:
         raise LorahubError("this is a LoRA adapter, not a base model (pass the model it was trained on)",
                            path=files.label)
     folders = sorted({n.split("/", 1)[0] for n in names if "/" in n})
-    component_plans = {folder: _pick_weights(names, folder) for folder in folders}
-    component_plans = {k: v for k, v in component_plans.items() if v is not None}
+    picked = {folder: _pick_weights(names, folder) for folder in folders}
+    component_plans = {k: v for k, v in picked.items() if v is not None}
     root_plan = _pick_weights(names)
     diffusers_layout = "model_index.json" in names or (root_plan is None and any(
         PurePosixPath(p).name.startswith("diffusion_pytorch_model")
@@ -393,7 +396,7 @@ def _load_listing(files: _Files, source: str) -> BaseModel:
 
     if diffusers_layout and component_plans:
         tensors: dict[str, BaseTensor] = {}
-        config: dict[str, Any] = {}
+        configs: dict[str, Any] = {}
         all_files: list[str] = []
         plans = {}
         for folder, plan in component_plans.items():
@@ -409,8 +412,8 @@ def _load_listing(files: _Files, source: str) -> BaseModel:
                     full = f"{folder}.{info.name}"
                     tensors[full] = BaseTensor(full, info.shape, info.dtype, rel, info.name)
             if f"{folder}/config.json" in names:
-                config[folder] = files.read_json(f"{folder}/config.json")
-        return BaseModel(source=source, name=None, layout="diffusers", tensors=tensors, config=config or None,
+                configs[folder] = files.read_json(f"{folder}/config.json")
+        return BaseModel(source=source, name=None, layout="diffusers", tensors=tensors, config=configs or None,
                          files=all_files, root=getattr(files, "root", None), complete=complete)
 
     if root_plan is None:

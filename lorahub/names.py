@@ -16,21 +16,23 @@ replaces) to the base tensor that holds its weight:
   `conditioner.embedders.1.model.…` (OpenCLIP bigG)) get diffusers-named aliases, and diffusers UNets
   get LDM/SGM-named aliases, so either naming finds the other:
 
-  | diffusers (UNet2DConditionModel)         | LDM / SGM (`model.diffusion_model.` in single files) |
-  | ---------------------------------------- | ---------------------------------------------------- |
-  | `conv_in`                                | `input_blocks.0.0`                                   |
-  | `time_embedding.linear_1/2`              | `time_embed.0/2`                                     |
-  | `add_embedding.linear_1/2` (SDXL)        | `label_emb.0.0/2`                                    |
-  | `down_blocks.i.resnets.j`                | `input_blocks.{i·(L+1)+j+1}.0`                       |
-  | `down_blocks.i.attentions.j`             | `input_blocks.{i·(L+1)+j+1}.1`                       |
-  | `down_blocks.i.downsamplers.0.conv`      | `input_blocks.{i·(L+1)+L+1}.0.op`                    |
-  | `mid_block.resnets.0/1`, `attentions.0`  | `middle_block.0/2`, `middle_block.1`                 |
-  | `up_blocks.i.resnets.j`                  | `output_blocks.{i·(L+1)+j}.0`                        |
-  | `up_blocks.i.attentions.j`               | `output_blocks.{i·(L+1)+j}.1`                        |
-  | `up_blocks.i.upsamplers.0.conv`          | `output_blocks.{i·(L+1)+L}.{2 if attentions else 1}.conv` |
-  | `conv_norm_out`, `conv_out`              | `out.0`, `out.2`                                     |
-  | resnet `norm1 conv1 time_emb_proj norm2 conv2 conv_shortcut` | `in_layers.0 in_layers.2 emb_layers.1 out_layers.0 out_layers.3 skip_connection` |
-  | attention blocks (`proj_in`, `transformer_blocks.k.attn1.to_q`, `ff.net.0.proj`, …) | identical |
+  | diffusers (UNet2DConditionModel)              | LDM / SGM (`model.diffusion_model.` in single files)      |
+  | --------------------------------------------- | --------------------------------------------------------- |
+  | `conv_in`                                     | `input_blocks.0.0`                                        |
+  | `time_embedding.linear_1/2`                   | `time_embed.0/2`                                          |
+  | `add_embedding.linear_1/2` (SDXL)             | `label_emb.0.0/2`                                         |
+  | `down_blocks.i.resnets.j`                     | `input_blocks.{i·(L+1)+j+1}.0`                            |
+  | `down_blocks.i.attentions.j`                  | `input_blocks.{i·(L+1)+j+1}.1`                            |
+  | `down_blocks.i.downsamplers.0.conv`           | `input_blocks.{i·(L+1)+L+1}.0.op`                         |
+  | `mid_block.resnets.0/1`, `attentions.0`       | `middle_block.0/2`, `middle_block.1`                      |
+  | `up_blocks.i.resnets.j`                       | `output_blocks.{i·(L+1)+j}.0`                             |
+  | `up_blocks.i.attentions.j`                    | `output_blocks.{i·(L+1)+j}.1`                             |
+  | `up_blocks.i.upsamplers.0.conv`               | `output_blocks.{i·(L+1)+L}.{2 if attentions else 1}.conv` |
+  | `conv_norm_out`, `conv_out`                   | `out.0`, `out.2`                                          |
+  | resnet `norm1`, `conv1`, `time_emb_proj`      | `in_layers.0`, `in_layers.2`, `emb_layers.1`              |
+  | resnet `norm2`, `conv2`, `conv_shortcut`      | `out_layers.0`, `out_layers.3`, `skip_connection`         |
+  | attention blocks (`proj_in`, `ff.net.0.proj`, | identical                                                 |
+  | `transformer_blocks.k.attn1.to_q`, …)         |                                                           |
 
   (L = layers_per_block.) OpenCLIP text encoders map to CLIP names (`resblocks.i` → `layers.i`,
   `ln_1/ln_2` → `layer_norm1/2`, `mlp.c_fc/c_proj` → `mlp.fc1/fc2`, `attn.out_proj` →

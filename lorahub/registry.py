@@ -171,7 +171,8 @@ def add(spec: str, name: str, *, revision: str | None = None, token: str | bool 
     if not base.tensors:
         raise LorahubError("no tensors found", path=spec)
     extra: dict[str, Any] = {"source": spec if base.repo_id is None else
-                             f"https://huggingface.co/{base.repo_id}" + (f"/tree/{base.revision}" if base.revision else "")}
+                             f"https://huggingface.co/{base.repo_id}"
+                             + (f"/tree/{base.revision}" if base.revision else "")}
     if base.revision:
         extra["revision"] = base.revision
     manifest = base.to_manifest(name, **extra)

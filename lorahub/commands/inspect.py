@@ -1,6 +1,8 @@
 """`lorahub inspect PATH`."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.table import Table
 
@@ -102,12 +104,12 @@ def render(info: dict, show_layers: bool = False) -> None:
         spectrum = any("effective_rank_99" in e for e in info["layers"])
         if spectrum:
             columns += ["eff. rank (99%)", "σ₀"]
-        rows = []
+        layer_rows: list[list[Any]] = []
         for e in info["layers"]:
             row = [e["target"], e["kind"], e["rank"], e["alpha"], e["scale"], "×".join(map(str, e["A"])),
                    "×".join(map(str, e["B"]))]
             if spectrum:
                 values = e.get("singular_values") or [0.0]
                 row += [e.get("effective_rank_99", ""), f"{values[0]:.4g}"]
-            rows.append(row)
-        console.print(table(None, columns, rows))
+            layer_rows.append(row)
+        console.print(table(None, columns, layer_rows))

@@ -133,5 +133,5 @@ def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None) -
     return out
 
 
-__all__ = ["FORMATS", "READ_FORMATS", "Format", "all_formats", "detect_by_keys", "get_format", "is_adapter_state", "load_adapter",
-           "marker_files", "save_adapter"]
+__all__ = ["FORMATS", "READ_FORMATS", "Format", "all_formats", "detect_by_keys", "get_format", "is_adapter_state",
+           "load_adapter", "marker_files", "save_adapter"]

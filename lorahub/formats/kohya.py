@@ -66,8 +66,9 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
     metadata = source.metadata
     known = read_layers_metadata(metadata)
     known_targets = {name: entry["target"] for name, entry in known.items()}
-    adapter = Adapter(path=path, format=NAME, metadata=metadata, files=[path],
-                      base_model=metadata.get("lorahub.base_model") or metadata.get("ss_sd_model_name") or metadata.get("modelspec.architecture"))
+    base_model = metadata.get("lorahub.base_model") or metadata.get("ss_sd_model_name") or \
+        metadata.get("modelspec.architecture")
+    adapter = Adapter(path=path, format=NAME, metadata=metadata, files=[path], base_model=base_model)
     groups: dict[str, dict[str, str]] = {}
     for key in source.keys():
         split = _split(key)

@@ -117,6 +117,7 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, revision: str
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
         # 3. the card: the user's local README wins over the Hub's; either way their text is kept
         local_readme = (path / "README.md") if path.is_dir() else None
+        existing: str | None
         if local_readme is not None and local_readme.is_file():
             existing = local_readme.read_text(encoding="utf-8", errors="replace")
         else:

@@ -133,7 +133,7 @@ def _rewrite_index(src: Path, dest: Path, layout: BaseLayout, out_dir: Path) -> 
     dest.write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _attach_originals(jobs: list[TensorJob], undo_source: Path | None) -> None:
+def _attach_originals(jobs: list[TensorJob], undo_source: Path) -> None:
     """Exact unmerge: read each touched tensor's original bytes from the recorded undo file."""
     header = read_header(undo_source)
     for job in jobs:
@@ -164,6 +164,7 @@ def _execute(layout: BaseLayout, plans: list[TensorPlan], out: Path, *, out_dtyp
         jobs = file_jobs(layout, plans, tmp, out_dtype, metadata_value)
         tensor_jobs = [tjob for job in jobs for tjob in job.tensors]
         if restore:
+            assert undo_source is not None  # unmerge restores only from a recorded undo file (use_originals)
             _attach_originals(tensor_jobs, undo_source)
         undo = None
         if undo_name is not None:
@@ -316,21 +317,22 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
             warnings.append(f"{item.name}: unmerging with weight {item.weight:g}, but it was merged with "
                             f"{recorded_weights[digest]:g}")
         inputs.append(item)
-    matches_last = last is not None and last.get("operation", "merge") == "merge" and \
-        same_adapters(last, inputs, hashes)
-    if matches_last:
+    # the last merge, if these are exactly its adapters and weights
+    matched = last if last is not None and last.get("operation", "merge") == "merge" and \
+        same_adapters(last, inputs, hashes) else None
+    if matched is not None:
         # undo in the recorded order (LIFO per tensor matters for DoRA; the norm keys use merge positions)
-        recorded = [(a["sha256"], float(a["weight"])) for a in last["adapters"]]
+        recorded = [(a["sha256"], float(a["weight"])) for a in matched["adapters"]]
         order = sorted(range(len(inputs)), key=lambda i: recorded.index((hashes[i], float(inputs[i].weight))))
         inputs, hashes = [inputs[i] for i in order], [hashes[i] for i in order]
     undo_path = None
-    if matches_last and last.get("undo_file"):
-        undo_path = layout.root / last["undo_file"] if layout.root.is_dir() else \
-            layout.root.parent / last["undo_file"]
+    if matched is not None and matched.get("undo_file"):
+        undo_path = layout.root / matched["undo_file"] if layout.root.is_dir() else \
+            layout.root.parent / matched["undo_file"]
         if not undo_path.is_file():
-            warnings.append(f"recorded undo file {last['undo_file']} is missing")
+            warnings.append(f"recorded undo file {matched['undo_file']} is missing")
             undo_path = None
-    use_originals = bool(matches_last and last.get("originals_saved") and undo_path is not None)
+    use_originals = bool(matched is not None and matched.get("originals_saved") and undo_path is not None)
     if exact and not use_originals:
         raise LorahubError("an exact unmerge needs the originals recorded by `lorahub merge --save-originals` "
                            "for exactly these adapters and weights (the last merge recorded in "
@@ -339,9 +341,9 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
         use_originals = False
 
     plans = _unmerge_plans(plan_merge(layout, inputs, check=check), inputs, use_originals, undo_path)
-    if matches_last:
+    if matched is not None:
         new_record = {"merges": record["merges"][:-1]}
-        drop = {last["undo_file"]} if last.get("undo_file") else set()
+        drop = {matched["undo_file"]} if matched.get("undo_file") else set()
     else:
         entry = new_entry("unmerge", inputs, layout, out_dtype, dev, None, False)
         new_record = {"merges": record["merges"] + [entry]}

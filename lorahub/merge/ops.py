@@ -42,6 +42,12 @@ class Op:
     storage_dtype: torch.dtype | None = None
     rows: tuple[int, int] | None = None  # add/bias: the row block of a fused weight (OpenCLIP in_proj)
 
+    @property
+    def lora_layer(self) -> LoraLayer:
+        """The layer of an add/bias/dora/undora op (the planner gives each of them one)."""
+        assert self.layer is not None, f"a '{self.kind}' op without a layer"
+        return self.layer
+
 
 class Workspace:
     """Reusable scratch tensors: a fresh allocation per tensor page-faults, which on a 7B merge costs
@@ -141,6 +147,7 @@ def fits_dtype(work: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def _magnitude(layer: LoraLayer, device: torch.device, name: str) -> torch.Tensor:
+    assert layer.magnitude is not None  # dora/undora ops are planned only for DoRA layers (layer.is_dora)
     magnitude = layer.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1)
     if magnitude.numel() != layer.out_features:
         raise LorahubError(f"DoRA magnitude has {magnitude.numel()} values but the layer has "
@@ -167,35 +174,42 @@ def apply_ops(weight: torch.Tensor, ops: Sequence[Op], *, name: str = "",
         original.copy_(weight)
     for index, op in enumerate(ops):
         if op.kind == "add":
+            layer = op.lora_layer
             target = weight[op.rows[0]:op.rows[1]] if op.rows else weight
-            _check_shape(target, op.layer, name)
-            _add_delta(target, op.layer, op.coeff, device, workspace)
+            _check_shape(target, layer, name)
+            _add_delta(target, layer, op.coeff, device, workspace)
         elif op.kind == "bias":
+            layer = op.lora_layer
+            assert layer.bias is not None  # bias ops are planned only for layers with a LoRA bias
             target = weight[op.rows[0]:op.rows[1]] if op.rows else weight
-            bias = op.layer.bias.load().to(device=device, dtype=torch.float32).reshape(target.shape)
-            target.add_(bias * (op.coeff * op.layer.scale))
+            bias = layer.bias.load().to(device=device, dtype=torch.float32).reshape(target.shape)
+            target.add_(bias * (op.coeff * layer.scale))
         elif op.kind == "dora":
-            _check_shape(weight, op.layer, name)
-            magnitude = _magnitude(op.layer, device, name)
+            layer = op.lora_layer
+            _check_shape(weight, layer, name)
+            magnitude = _magnitude(layer, device, name)
             if index == 0 or original is None:
-                _add_delta(weight, op.layer, op.coeff, device, workspace)
-                norm = _row_norms(weight, op.layer)
+                _add_delta(weight, layer, op.coeff, device, workspace)
+                norm = _row_norms(weight, layer)
             else:
                 unmerged = original.clone()
-                _add_delta(unmerged, op.layer, op.coeff, device, workspace)
-                norm = _row_norms(unmerged, op.layer)
+                _add_delta(unmerged, layer, op.coeff, device, workspace)
+                norm = _row_norms(unmerged, layer)
                 del unmerged
-                _add_delta(weight, op.layer, op.coeff, device, workspace)
-            _math_view(weight, op.layer)[0].mul_((magnitude / norm).unsqueeze(1))
+                _add_delta(weight, layer, op.coeff, device, workspace)
+            _math_view(weight, layer)[0].mul_((magnitude / norm).unsqueeze(1))
             if op.norm_key:
                 norms[op.norm_key] = norm
         elif op.kind == "undora":
-            _check_shape(weight, op.layer, name)
-            magnitude = _magnitude(op.layer, device, name)
+            layer = op.lora_layer
+            assert op.norm is not None  # undora ops are built with the norms read from the undo file
+            _check_shape(weight, layer, name)
+            magnitude = _magnitude(layer, device, name)
             norm = op.norm.to(device=device, dtype=torch.float32).reshape(-1)
-            _math_view(weight, op.layer)[0].div_((magnitude / norm).unsqueeze(1))
-            _add_delta(weight, op.layer, -op.coeff, device, workspace)
+            _math_view(weight, layer)[0].div_((magnitude / norm).unsqueeze(1))
+            _add_delta(weight, layer, -op.coeff, device, workspace)
         elif op.kind in ("replace", "restore"):
+            assert op.tensor is not None  # replace/restore ops are always built with their new value
             value = op.tensor.load().to(device=device)
             if op.storage_dtype is not None:
                 value = value.to(op.storage_dtype)

@@ -31,13 +31,14 @@ def preload_factors(plans: Sequence[TensorPlan], device: torch.device) -> None:
     memory would synchronise the slot's stream in the middle of the pipeline."""
     cache: dict[int, LoraLayer] = {}
 
-    def on_device(tensor: LazyTensor | None) -> LazyTensor | None:
-        if tensor is None:
-            return None
+    def on_device(tensor: LazyTensor) -> LazyTensor:
         value = tensor.load()
         if value.is_floating_point():
             value = value.to(torch.float32)
         return LazyTensor.of(value.to(device), key=tensor.key)
+
+    def on_device_or_none(tensor: LazyTensor | None) -> LazyTensor | None:
+        return None if tensor is None else on_device(tensor)
 
     for plan in plans:
         for op in plan.ops:
@@ -45,8 +46,8 @@ def preload_factors(plans: Sequence[TensorPlan], device: torch.device) -> None:
                 if id(op.layer) not in cache:
                     layer = op.layer
                     cache[id(layer)] = dataclasses.replace(layer, A=on_device(layer.A), B=on_device(layer.B),
-                                                           magnitude=on_device(layer.magnitude),
-                                                           bias=on_device(layer.bias))
+                                                           magnitude=on_device_or_none(layer.magnitude),
+                                                           bias=on_device_or_none(layer.bias))
                 op.layer = cache[id(op.layer)]
             if op.norm is not None:
                 op.norm = op.norm.to(device=device, dtype=torch.float32)
@@ -169,6 +170,8 @@ class Pipeline:
         if self.device.type == "cuda":
             # queued on this slot's stream; the writer waits for the slot's event before writing.
             # Scratch belongs to the slot, so the next job on this stream reuses it only after this one.
+            # a slot made for a CUDA device has its stream, event and pinned finite flag
+            assert slot.event is not None and slot.finite is not None
             with torch.cuda.stream(slot.stream):
                 source = raw.to(self.device, non_blocking=True).view(src_dtype).view(shape)
                 work = slot.workspace.get("work", shape)

@@ -238,6 +238,7 @@ def file_jobs(layout: BaseLayout, plans: Sequence[TensorPlan], out_dir: Path, ou
         ordered = sorted(header.tensors.values(), key=lambda info: (info.begin, info.end))
         entries = []
         if convert:  # new dtypes: a new, contiguous layout in the same tensor order
+            assert out_dtype is not None  # `convert` is empty without an output dtype
             offset = 0
             layout_of = {}
             for info in ordered:

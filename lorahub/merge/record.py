@@ -161,7 +161,7 @@ def prepare_undo(path: Path, jobs: list[FileJob], plans: Sequence[TensorPlan], s
     for plan in plans:
         for op in plan.ops:
             if op.kind == "dora" and op.norm_key:
-                count = op.layer.out_features
+                count = op.lora_layer.out_features
                 entries.append((op.norm_key, "F32", (count,), offset, offset + 4 * count))
                 norm_specs.append((op.norm_key, offset, count))
                 offset += 4 * count
@@ -172,6 +172,7 @@ def prepare_undo(path: Path, jobs: list[FileJob], plans: Sequence[TensorPlan], s
         handle.write(header)
         handle.truncate(len(header) + offset)
     for tjob in originals:
+        assert tjob.undo_offset is not None  # set above for every job put in `originals`
         tjob.undo_offset += len(header)
     return UndoFile(path, {key: (len(header) + off, count) for key, off, count in norm_specs})
 
@@ -184,6 +185,7 @@ def finish_undo(undo: UndoFile | None, norms: dict[str, torch.Tensor]) -> None:
         for key, (offset, count) in undo.norm_offsets.items():
             norm = norms[key].detach().to("cpu", torch.float32).reshape(-1).contiguous()
             assert norm.numel() == count
-            pwrite_all(fd, memoryview(norm.numpy()).cast("B"), offset)
+            # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; ndarray is a buffer on 3.10 too
+            pwrite_all(fd, memoryview(norm.numpy()).cast("B"), offset)  # type: ignore[arg-type]
     finally:
         os.close(fd)
