@@ -10,8 +10,10 @@ from .errors import LorahubError
 from .formats import save_adapter
 
 
-def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *,
-                    drop_full_tensors: bool = False) -> dict[str, Any]:
+def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_full_tensors: bool = False,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Write `adapter` at `out` in `to_format` (under lorahub.output's policy; `overwrite` replaces an
+    earlier lorahub output)."""
     adapter.require_lora("convert")
     if adapter.is_dora and to_format == "diffusers":
         raise LorahubError("diffusers drops DoRA magnitudes when loading; converting would silently change "
@@ -30,7 +32,7 @@ def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *,
                         f"middle_block, output_blocks) to diffusers names")
     if any(layer.use_rslora for layer in adapter.layers.values()) and to_format != "peft":
         warnings.append("rsLoRA scales were re-expressed as alpha = scale·rank (same effective scale)")
-    path = save_adapter(adapter, out, to_format)
+    path = save_adapter(adapter, out, to_format, overwrite=overwrite)
     return {"from": adapter.format, "to": to_format, "out": str(path), "modules": len(adapter.layers),
             "warnings": warnings}
 

@@ -23,6 +23,7 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
     from .formats import load_adapter, save_adapter
     from .inspect import describe
     from .merge import AdapterInput, merge, unmerge
+    from .output import write as write_output
     from .resize import resize_adapter
     from .validate import validate
 
@@ -31,9 +32,9 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
     base_dir = workdir / "tiny-llama"
     adapter_dir = workdir / "tiny-lora"
     for src, dst in ((base_src, base_dir), (adapter_src, adapter_dir)):
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
+        # an earlier demo's copy is replaced; a folder of that name that lorahub did not write is refused
+        with write_output(dst, kind="dir", overwrite=True, inputs=[src], command="demo") as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
     numbers: dict = {}
 
     adapter = load_adapter(adapter_dir)
@@ -55,7 +56,7 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
         + (f"  e.g. {first.module}: expected {first.expected}, found {first.found}" if first else ""))
 
     kohya_file = workdir / "tiny-lora.safetensors"
-    convert_adapter(load_adapter(adapter_dir), kohya_file, "kohya")
+    convert_adapter(load_adapter(adapter_dir), kohya_file, "kohya", overwrite=True)
     back = load_adapter(kohya_file)
     worst = max(float((back.layers[t].delta_weight() - layer.delta_weight()).abs().max())
                 for t, layer in adapter.layers.items())
@@ -85,7 +86,7 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
         f"  largest difference from the original base: {drift:.1e}" + (" (exact restore)" if undo.exact else ""))
 
     small, resize_report = resize_adapter(load_adapter(adapter_dir), rank=4)
-    small_dir = save_adapter(small, workdir / "tiny-lora-r4", "peft")
+    small_dir = save_adapter(small, workdir / "tiny-lora-r4", "peft", overwrite=True)
     summary = resize_report.summary()
     numbers["resize_mean_energy"] = summary["mean_energy_retained"]
     say("resize", f"lorahub resize {adapter_dir.name} --rank 4 --out {small_dir.name}\n"
@@ -94,7 +95,7 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
         f"{summary['old_params']:,} → {summary['new_params']:,} parameters")
 
     blended = interpolate(load_adapter(adapter_dir), load_adapter(small_dir), 0.5, method="cat")
-    blend_dir = save_adapter(blended.adapter, workdir / "tiny-lora-mix", "peft")
+    blend_dir = save_adapter(blended.adapter, workdir / "tiny-lora-mix", "peft", overwrite=True)
     ranks = sorted({layer.rank for layer in blended.adapter.layers.values()})
     say("interpolate", f"lorahub interpolate {adapter_dir.name} {small_dir.name} --t 0.5 --method cat "
         f"--out {blend_dir.name}\n  exact 0.5·A + 0.5·B: rank {ranks[0]} per layer (8 + 4)")

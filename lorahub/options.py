@@ -25,7 +25,7 @@ F = TypeVar("F", bound=Callable)
 Decorator = Callable[[F], F]
 
 __all__ = [
-    "ADAPTER_OUT_HELP", "INPUT_FORMAT_CHOICES", "OUTPUT_FORMAT_CHOICES", "RANK_METHODS",
+    "ADAPTER_OUT_HELP", "INPUT_FORMAT_CHOICES", "OVERWRITE_HELP", "OUTPUT_FORMAT_CHOICES", "RANK_METHODS",
     "adapter_input_options", "allow_pickle_option", "device_option", "dtype_option", "input_format_option",
     "json_option", "open_adapter", "out_option", "output_format_option", "overwrite_option", "rank_method_option",
     "rank_option", "rank_param_option", "resolve_path",
@@ -76,17 +76,21 @@ def open_adapter(arg: str, input_format: str | None = "auto", allow_pickle: bool
 
 def out_option(*, help: str = ADAPTER_OUT_HELP, required: bool = True, metavar: str | None = None,
                file_okay: bool = True, path_type: type | None = None) -> Decorator:
-    """`--out/-o`. Today: an adapter path (convert, resize, blend, interpolate), a model directory
-    (merge, unmerge: `metavar="DIR"`), an optional folder (pull: `required=False, file_okay=False`)."""
+    """`--out/-o`, on every command that writes: an adapter path (convert, resize, blend, interpolate), a
+    model directory (merge, unmerge: `metavar="DIR"`), an optional folder (pull: `required=False,
+    file_okay=False`), a manifest file (registry add). What may be written there is `lorahub.output`'s
+    policy, applied by the library; it goes with `overwrite_option`."""
     return click.option("--out", "-o", "out", required=required, default=None, metavar=metavar,
                         type=click.Path(file_okay=file_okay, path_type=path_type), help=help)
 
 
-def overwrite_option(*aliases: str,
-                     help: str = "Replace an existing --out (swapped in only once the new output is complete)."
-                     ) -> Decorator:
-    """`--overwrite`. resize spells it `--force` (kept as an alias)."""
-    return click.option("--overwrite", *aliases, "overwrite", is_flag=True, help=help)
+OVERWRITE_HELP = ("Replace an existing --out: a file, or a directory written by an earlier run (one holding any "
+                  "other file is refused). The new output is swapped in only once it is complete.")
+
+
+def overwrite_option(*, help: str = OVERWRITE_HELP) -> Decorator:
+    """`--overwrite`: the one spelling on every writing command (there is no `--force`)."""
+    return click.option("--overwrite", "overwrite", is_flag=True, help=help)
 
 
 def output_format_option(*, required: bool = False, help: str = "Output format.") -> Decorator:

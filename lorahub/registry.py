@@ -20,11 +20,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from . import output
 from .base import BaseModel, load_base
 from .errors import LorahubError
-from .storage import atomic_path
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
@@ -150,23 +150,28 @@ def dump_manifest(manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_manifest(manifest: dict, path: Path) -> Path:
-    with atomic_path(path) as tmp:
+def write_manifest(manifest: dict, path: Path, *, overwrite: bool = False,
+                   inputs: Iterable[output.InputSpec] = ()) -> Path:
+    """Write a manifest file under lorahub.output's policy (an existing file only with `overwrite`)."""
+    with output.write(path, kind="file", overwrite=overwrite, inputs=inputs, command="registry add") as tmp:
         tmp.write_text(dump_manifest(manifest), encoding="utf-8")
     return path
 
 
 def add(spec: str, name: str, *, revision: str | None = None, token: str | bool | None = None,
-        force: bool = False) -> tuple[Path, BaseModel]:
-    """Write a user manifest from a local model's headers or a Hub repo's headers."""
+        overwrite: bool = False, out: str | Path | None = None) -> tuple[Path, BaseModel]:
+    """Write a manifest from a local model's headers or a Hub repo's headers: a user manifest in
+    `user_dir()`, or the file `out`. An existing manifest (or a built-in of that name) is replaced
+    (shadowed) only with `overwrite`."""
     name = name.strip().lower()
     if not NAME_RE.match(name):
         raise LorahubError(f"invalid registry name '{name}' (lower-case letters, digits, '.', '_', '-')")
-    target = user_dir() / f"{name}.json"
-    if target.exists() and not force:
-        raise LorahubError(f"registry manifest '{name}' exists (pass --force to replace it)", path=target)
-    if not force and (builtin_dir() / f"{name}.json").exists():
-        raise LorahubError(f"'{name}' is a built-in manifest; pass --force to shadow it with your own")
+    target = Path(out) if out is not None else user_dir() / f"{name}.json"
+    local = Path(spec).expanduser()
+    inputs: list[output.InputSpec] = [("model", local)] if local.exists() else []
+    output.prepare(target, kind="file", overwrite=overwrite, inputs=inputs)  # before reading the model
+    if out is None and not overwrite and (builtin_dir() / f"{name}.json").exists():
+        raise LorahubError(f"'{name}' is a built-in manifest; pass --overwrite to shadow it with your own")
     base = load_base(spec, revision=revision, token=token, offline_fallback=False)
     if not base.tensors:
         raise LorahubError("no tensors found", path=spec)
@@ -177,7 +182,7 @@ def add(spec: str, name: str, *, revision: str | None = None, token: str | bool 
         extra["revision"] = base.revision
     manifest = base.to_manifest(name, **extra)
     manifest["name"] = name
-    return write_manifest(manifest, target), base
+    return write_manifest(manifest, target, overwrite=overwrite, inputs=inputs), base
 
 
 def remove(name: str) -> Path:

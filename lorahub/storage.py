@@ -1,17 +1,16 @@
-"""Files: safetensors headers without reading data, atomic outputs, hashes people look adapters up by."""
+"""Files: safetensors headers without reading data, positioned I/O, hashes people look adapters up by.
+
+Outputs (where and how lorahub may write) are `lorahub.output`'s."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from .errors import LorahubError
 
@@ -122,52 +121,6 @@ def load_pickle_state_dict(path: Path, allow_pickle: bool) -> dict:
     if not isinstance(state, dict):
         raise LorahubError("pickle file does not hold a state dict", path=path)
     return state
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic outputs
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path | str, *, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it into place only if the block completes.
-
-    On any error (or KeyboardInterrupt) the temporary is removed and `final` is untouched. A kill -9
-    leaves only a `.lorahub-tmp-*` sibling, never a half-written `final`.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.lorahub-tmp-"
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        if is_dir:
-            _replace_dir(tmp, final)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        raise
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place; an existing `final` is swapped out, then removed."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.lorahub-old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -431,12 +431,12 @@ def test_a_failed_write_leaves_no_output_and_keeps_the_old_one(tmp_path, monkeyp
     result = run_cli(*command(out))
     assert result.returncode != 0 and "No space left on device" in result.stderr, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary left behind
-    if case == "resize":  # --force over an existing output: the old one survives a failed write
+    if case == "resize":  # --overwrite over an existing output: the old one survives a failed write
         monkeypatch.undo()
         run_cli(*command(out), check=True)
         old = _snapshot(out)
         monkeypatch.setattr(peft_format, "save_file", _disk_full(peft_format.save_file))
-        result = run_cli(*command(out, "--force"))
+        result = run_cli(*command(out, "--overwrite"))
         assert result.returncode != 0 and "No space left on device" in result.stderr
         assert _snapshot(out) == old
         assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]

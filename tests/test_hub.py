@@ -122,7 +122,8 @@ def test_push_pull_round_trip(hub_server, hub_env, peft_lora_dir, base_repo, tmp
     out = tmp_path / "copy"
     text = run(hub_env, "pull", f"{repo_id}@{info.sha}", "--out", out).stdout
     assert text.splitlines()[0] == str(out)
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".lorahub-output.json", "adapter_config.json",
+                                                     "adapter_model.safetensors"]
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (out / name).read_bytes() == (peft_lora_dir / name).read_bytes()
 
@@ -408,7 +409,7 @@ def test_every_adapter_command_takes_hf_references(hub_env, adapter_repo, peft_l
 
 
 def test_pull_out_never_leaves_a_partial_file(hub_env, adapter_repo, peft_lora_dir, tmp_path, monkeypatch):
-    """A copy into --out that fails half-way (disk full) leaves no truncated file and no temporaries."""
+    """A copy into --out that fails half-way (disk full) leaves no --out and no temporaries."""
     import shutil as real_shutil
     import types
 
@@ -427,8 +428,6 @@ def test_pull_out_never_leaves_a_partial_file(hub_env, adapter_repo, peft_lora_d
     out = tmp_path / "copy"
     result = run(hub_env, "pull", adapter_repo[0], "--out", out, ok=False)
     assert "No space left" in error_line(result)
-    left = sorted(p.name for p in out.iterdir())
-    assert all(name in ("adapter_config.json", "adapter_model.safetensors") for name in left), left
-    for name in left:
-        assert (out / name).read_bytes() == (peft_lora_dir / name).read_bytes()
-    assert "adapter_config.json" not in left  # the config, which marks a PEFT folder, comes last
+    # the folder is written beside --out and swapped in whole (lorahub.output): nothing lands, nothing is left
+    assert not out.exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.")]

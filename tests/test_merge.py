@@ -34,6 +34,7 @@ from lorahub.merge import (
     merge,
     unmerge,
 )
+from lorahub.output import MANIFEST
 from lorahub.storage import build_header, read_header
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def test_layout_metadata_and_record(tmp_path, tiny_llama_dir, tiny_llama_sharded
     result = merge(tiny_llama_sharded_dir, inputs((peft_dora_dir, 0.75)), out, device="cpu")
     base_files = sorted(p.name for p in tiny_llama_sharded_dir.iterdir())
     out_files = sorted(p.name for p in out.iterdir())
-    assert set(out_files) - set(base_files) == {RECORD_FILE, f"{UNDO_PREFIX}0.safetensors"}
+    assert set(out_files) - set(base_files) == {RECORD_FILE, f"{UNDO_PREFIX}0.safetensors", MANIFEST}
     assert set(base_files) <= set(out_files)
     for name in base_files:  # config, generation config, tokenizer files and the index: copied as they are
         if not name.endswith(".safetensors"):
@@ -285,7 +286,7 @@ def test_layout_metadata_and_record(tmp_path, tiny_llama_dir, tiny_llama_sharded
 def test_single_file_base(tmp_path, tiny_llama_dir, peft_lora_dir):
     out = tmp_path / "out"
     merge(tiny_llama_dir / "model.safetensors", inputs(peft_lora_dir), out, device="cpu")
-    assert sorted(p.name for p in out.iterdir()) == [RECORD_FILE, "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, RECORD_FILE, "model.safetensors"]
     reference = peft_merged_state_dict(tiny_llama_dir, peft_lora_dir)
     compare_with_reference(out, tiny_llama_dir, reference, allow_ulps=0)
 
@@ -332,17 +333,27 @@ def test_nonfinite_merge_is_refused(tmp_path, tiny_llama_dir, peft_lora_dir):
 
 
 def test_out_checks(tmp_path, tiny_llama_dir, peft_lora_dir):
+    """lorahub.output's policy through the library call (tests/test_output_policy.py has every rule)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous")
+    with pytest.raises(LorahubError, match="did not write"):
+        merge(tiny_llama_dir, inputs(peft_lora_dir), out, device="cpu")
+    # --overwrite never deletes a file lorahub did not write (this used to replace the directory)
+    with pytest.raises(LorahubError, match="did not write.*keep.txt"):
+        merge(tiny_llama_dir, inputs(peft_lora_dir), out, device="cpu", overwrite=True)
+    assert (out / "keep.txt").read_text() == "previous"
+    (out / "keep.txt").unlink()
+    with pytest.raises(LorahubError, match="empty directory.*--overwrite"):
+        merge(tiny_llama_dir, inputs(peft_lora_dir), out, device="cpu")
+    merge(tiny_llama_dir, inputs(peft_lora_dir), out, device="cpu", overwrite=True)  # an empty directory
     with pytest.raises(LorahubError, match="--overwrite"):
         merge(tiny_llama_dir, inputs(peft_lora_dir), out, device="cpu")
-    assert (out / "keep.txt").read_text() == "previous"
-    merge(tiny_llama_dir, inputs(peft_lora_dir), out, device="cpu", overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    with pytest.raises(LorahubError, match="base itself"):
+    merge(tiny_llama_dir, inputs(peft_lora_dir), out, device="cpu", overwrite=True)  # lorahub's own output
+    assert (out / "model.safetensors").exists()
+    with pytest.raises(LorahubError, match="--out is the base"):
         merge(tiny_llama_dir, inputs(peft_lora_dir), tiny_llama_dir, device="cpu", overwrite=True)
-    with pytest.raises(LorahubError, match="inside the base"):
+    with pytest.raises(LorahubError, match="lies inside the base"):
         merge(tiny_llama_dir, inputs(peft_lora_dir), tiny_llama_dir / "sub", device="cpu")
 
 
@@ -468,7 +479,7 @@ def test_unmerge_exact_with_saved_originals(tmp_path, tiny_llama_bf16_dir, peft_
     original, restored = files_state(tiny_llama_bf16_dir), files_state(tmp_path / "restored")
     assert all(torch.equal(restored[k], original[k]) for k in original)
     assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == \
-        sorted(p.name for p in tiny_llama_bf16_dir.iterdir())
+        sorted([MANIFEST, *(p.name for p in tiny_llama_bf16_dir.iterdir())])
     with pytest.raises(LorahubError, match="exact unmerge needs"):
         unmerge(merged, inputs(peft_lora_dir), tmp_path / "z", device="cpu", exact=True)
 
@@ -560,12 +571,11 @@ def test_kill_9_leaves_no_half_written_output(tmp_path, tiny_llama_sharded_dir, 
 
 def test_kill_9_keeps_previous_output(tmp_path, tiny_llama_sharded_dir, peft_lora_dir):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "previous.txt").write_text("old merge")
+    merge(tiny_llama_sharded_dir, inputs((peft_lora_dir, 0.5)), out, device="cpu")  # the previous output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = _start_merge(tiny_llama_sharded_dir, peft_lora_dir, out, "--overwrite")
     _kill_mid_merge(proc, out)
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
-    assert (out / "previous.txt").read_text() == "old merge"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_merge_into_sd_single_file_checkpoint(tmp_path, tiny_unet_dir, kohya_unet_file):

@@ -143,10 +143,10 @@ def test_registry_add_local_then_validate_offline(user_home, tiny_llama_sharded_
     assert {"name": "tiny-llama", "builtin": False}.items() <= next(p for p in listed if p["name"] == "tiny-llama").items()
     assert run_cli("validate", peft_lora_dir, "--base", "tiny-llama").returncode == 0
     assert run_cli("validate", peft_wide_dir, "--base", "tiny-llama").returncode == 1
-    # the same name again needs --force; a built-in name too
+    # the same name again needs --overwrite; a built-in name too
     again = run_cli("registry", "add", tiny_llama_sharded_dir, "--name", "tiny-llama")
-    assert again.returncode == 1 and "--force" in again.stderr
-    assert run_cli("registry", "add", tiny_llama_sharded_dir, "--name", "tiny-llama", "--force").returncode == 0
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert run_cli("registry", "add", tiny_llama_sharded_dir, "--name", "tiny-llama", "--overwrite").returncode == 0
     builtin = run_cli("registry", "add", tiny_llama_sharded_dir, "--name", "gpt2")
     assert builtin.returncode == 1 and "built-in" in builtin.stderr
     assert run_cli("registry", "add", tiny_llama_sharded_dir, "--name", "Bad Name!").returncode == 1

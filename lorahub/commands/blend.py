@@ -18,6 +18,7 @@ from ..options import (
     open_adapter,
     out_option,
     output_format_option,
+    overwrite_option,
     rank_method_option,
     rank_option,
     rank_param_option,
@@ -70,6 +71,7 @@ def blend_options(default_method: str) -> Callable:
     def decorate(func: Callable) -> Callable:
         options = [
             out_option(),
+            overwrite_option(),
             click.option("--method", type=click.Choice(METHOD_CHOICES + DYNAMIC_RANK_METHODS),
                          default=default_method,
                          show_default=True,
@@ -140,9 +142,9 @@ def interpolate_command(adapter_a, adapter_b, t, **kwargs):
     _run([adapter_a, adapter_b], [1.0 - t, t], **kwargs)
 
 
-def _run(adapter_args, weights, *, out, method, to_format, dtype, device, allow_base_mismatch, drop_full_tensors,
-         all_layers, input_format, allow_pickle, as_json, **method_params):
-    from ..formats import save_adapter
+def _run(adapter_args, weights, *, out, overwrite, method, to_format, dtype, device, allow_base_mismatch,
+         drop_full_tensors, all_layers, input_format, allow_pickle, as_json, **method_params):
+    from ..formats import FORMATS, adapter_sources, reserve_output, save_adapter
 
     if len(adapter_args) != len(weights):
         raise LorahubError(f"{len(adapter_args)} adapters but {len(weights)} weights; give one weight per "
@@ -156,9 +158,13 @@ def _run(adapter_args, weights, *, out, method, to_format, dtype, device, allow_
     options = BlendOptions(method=method, device=device, dtype=dtype, allow_base_mismatch=allow_base_mismatch,
                            drop_full_tensors=drop_full_tensors).with_values(**method_params)
     total = len({t for a in adapters for t in a.layers})
-    with step_progress("blending layers", total) as advance:
-        result = blend(adapters, weights, options, to=to_format, progress=advance)
-    written = save_adapter(result.adapter, Path(out), to_format)
+    fmt = to_format or (adapters[0].format if adapters[0].format in FORMATS else "peft")
+    # --out is checked and locked before the work, not after it
+    with reserve_output(out, fmt, overwrite=overwrite, sources=adapters):
+        with step_progress("blending layers", total) as advance:
+            result = blend(adapters, weights, options, to=to_format, progress=advance)
+        written = save_adapter(result.adapter, Path(out), to_format, overwrite=overwrite,
+                               inputs=[("adapter", p) for a in adapters for p in adapter_sources(a)])
     report = result.report.to_dict()
     report["out"] = str(written)
     report["format"] = to_format or result.adapter.format

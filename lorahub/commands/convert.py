@@ -4,7 +4,14 @@ from __future__ import annotations
 import click
 
 from ..convert import convert_adapter
-from ..options import adapter_input_options, json_option, open_adapter, out_option, output_format_option
+from ..options import (
+    adapter_input_options,
+    json_option,
+    open_adapter,
+    out_option,
+    output_format_option,
+    overwrite_option,
+)
 from ..ui import console, print_json, warn
 
 
@@ -12,12 +19,13 @@ from ..ui import console, print_json, warn
 @click.argument("src")
 @output_format_option(required=True)
 @out_option()
+@overwrite_option()
 @click.option("--drop-full-tensors", is_flag=True,
               help="Leave out modules_to_save / saved embedding weights (kohya and diffusers files "
                    "cannot carry them).")
 @adapter_input_options
 @json_option
-def convert_command(src, to_format, out, drop_full_tensors, input_format, allow_pickle, as_json):
+def convert_command(src, to_format, out, overwrite, drop_full_tensors, input_format, allow_pickle, as_json):
     """Convert an adapter between PEFT, kohya/A1111 and diffusers formats, keeping every layer's
     effective scale exactly (alpha is re-expressed where a format has no rsLoRA).
 
@@ -27,7 +35,7 @@ def convert_command(src, to_format, out, drop_full_tensors, input_format, allow_
       lorahub convert lora.safetensors --to peft --out ./peft-lora
     """
     adapter = open_adapter(src, input_format, allow_pickle)
-    result = convert_adapter(adapter, out, to_format, drop_full_tensors=drop_full_tensors)
+    result = convert_adapter(adapter, out, to_format, drop_full_tensors=drop_full_tensors, overwrite=overwrite)
     if as_json:
         print_json(result)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 from rich.markup import escape
 
-from ..options import json_option, out_option
+from ..options import json_option, out_option, overwrite_option
 from ..ui import console, err_console, print_json
 
 
@@ -21,11 +21,12 @@ def _prompt_choice(labels: list[str]) -> int:
 @click.option("--revision", "-r", default=None, help="Branch, tag or commit sha (overrides REPO@REVISION).")
 @out_option(required=False, file_okay=False,
             help="Copy the adapter files into this folder (default: leave them in the HF cache).")
+@overwrite_option()
 @click.option("--include", default=None, metavar="PATTERN",
               help="Glob picking the adapter file(s) when the repo holds several (e.g. '*style*.safetensors').")
 @click.option("--no-inspect", is_flag=True, help="Do not inspect the pulled adapter.")
 @json_option
-def pull_command(repo, revision, out, include, no_inspect, as_json):
+def pull_command(repo, revision, out, overwrite, include, no_inspect, as_json):
     """Download an adapter (only its files) from the Hugging Face Hub and inspect it.
 
     REPO is owner/name, owner/name@REVISION or hf://owner/name[@REVISION][/FILE]. Only the adapter's
@@ -41,7 +42,7 @@ def pull_command(repo, revision, out, include, no_inspect, as_json):
     """
     from ..hub import interactive, pull
 
-    result = pull(repo, revision=revision, include=include, out=out,
+    result = pull(repo, revision=revision, include=include, out=out, overwrite=overwrite,
                   prompt=_prompt_choice if interactive() and not as_json else None)
     info = None
     if not no_inspect:

@@ -1,10 +1,12 @@
 """`lorahub registry list | show NAME | add PATH_OR_REPO --name NAME | remove NAME`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from rich.markup import escape
 
-from ..options import json_option
+from ..options import json_option, out_option, overwrite_option
 from ..ui import console, human_bytes, print_json, table
 
 
@@ -101,12 +103,15 @@ def show_command(name: str, show_tensors: bool, as_json: bool) -> None:
 @click.argument("spec", metavar="PATH_OR_REPO")
 @click.option("--name", required=True, help="Registry name (lower-case letters, digits, '.', '_', '-').")
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
-@click.option("--force", is_flag=True, help="Replace an existing manifest of that name (or shadow a built-in).")
+@out_option(required=False, metavar="FILE", path_type=Path,
+            help="Write the manifest to this file instead of $LORAHUB_HOME/registry/NAME.json.")
+@overwrite_option(help="Replace an existing manifest of that name (or shadow a built-in), or an existing --out file.")
 @json_option
-def add_command(spec: str, name: str, revision: str | None, force: bool, as_json: bool) -> None:
+def add_command(spec: str, name: str, revision: str | None, out: Path | None, overwrite: bool,
+                as_json: bool) -> None:
     """Add a manifest from a local model's headers or a Hub repo's headers (no weights downloaded).
 
-    Written to $LORAHUB_HOME/registry (default ~/.cache/lorahub/registry).
+    Written to $LORAHUB_HOME/registry (default ~/.cache/lorahub/registry), or to --out.
 
     \b
     Examples:
@@ -115,7 +120,7 @@ def add_command(spec: str, name: str, revision: str | None, force: bool, as_json
     """
     from ..registry import add
 
-    path, base = add(spec, name, revision=revision, force=force)
+    path, base = add(spec, name, revision=revision, overwrite=overwrite, out=out)
     if as_json:
         print_json({"name": name, "path": str(path), "layout": base.layout, "tensors": len(base.tensors),
                     "params": base.num_params, "repo_id": base.repo_id, "revision": base.revision})

@@ -6,7 +6,6 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from ..errors import LorahubError
 from ..options import (
     adapter_input_options,
     device_option,
@@ -48,7 +47,7 @@ def _pct(x: float) -> str:
 @click.option("--fp64", "use_fp64", is_flag=True, help="Compute the SVDs in float64 (default float32).")
 @dtype_option(list(SAVE_DTYPES), "--save-dtype", default="keep",
               help="dtype of the new factors (keep = each layer's stored dtype).")
-@overwrite_option("--force")
+@overwrite_option()
 @click.option("--all-layers", is_flag=True, help="List every layer in the report (default: at most 40).")
 @adapter_input_options
 @json_option
@@ -71,7 +70,7 @@ def resize(adapter: str, rank: int | None, rank_method: str | None, param: float
     import torch
 
     from ..devices import resolve_device
-    from ..formats import FORMATS, save_adapter
+    from ..formats import FORMATS, reserve_output, save_adapter
     from ..resize import resize_adapter
 
     method = rank_method or ("fixed" if param is None else None)
@@ -79,22 +78,19 @@ def resize(adapter: str, rank: int | None, rank_method: str | None, param: float
         raise click.UsageError("--param needs --method (sv_ratio, sv_fro or sv_cumulative)")
     if method == "fixed" and param is not None:
         raise click.UsageError("--param only applies to --method sv_ratio, sv_fro or sv_cumulative")
-    if out.exists() and not overwrite:
-        raise LorahubError("output exists (pass --force to overwrite)", path=out)
     source = open_adapter(adapter, input_format, allow_pickle)
     fmt = to_format or (source.format if source.format in FORMATS else "peft")
-    if fmt == "peft" and out.suffix == ".safetensors":  # before the work, not after it
-        raise LorahubError("PEFT output is a directory; give a directory for --out or pass --to kohya/diffusers",
-                           path=out)
     dtype_name = SAVE_DTYPES[dtype]
     out_dtype = getattr(torch, dtype_name) if dtype_name else None
     torch_device = resolve_device(device)
-    with step_progress("resizing", len(source.layers)) as advance:
-        resized, report = resize_adapter(
-            source, rank=rank, method=method, param=param, conv_rank=conv_rank, kohya_compat=kohya_compat,
-            split=split, device=torch_device, compute_dtype=torch.float64 if use_fp64 else torch.float32,
-            out_dtype=out_dtype, progress=advance)
-    written = save_adapter(resized, out, format=fmt)
+    # --out is checked and locked before the work, not after it
+    with reserve_output(out, fmt, overwrite=overwrite, sources=[source]):
+        with step_progress("resizing", len(source.layers)) as advance:
+            resized, report = resize_adapter(
+                source, rank=rank, method=method, param=param, conv_rank=conv_rank, kohya_compat=kohya_compat,
+                split=split, device=torch_device, compute_dtype=torch.float64 if use_fp64 else torch.float32,
+                out_dtype=out_dtype, progress=advance)
+        written = save_adapter(resized, out, format=fmt, overwrite=overwrite)
     summary = report.summary()
     if as_json:
         payload = {"input": str(source.path), "output": str(written), "format": fmt, **report.as_dict()}

@@ -1,7 +1,8 @@
 """Readers and writers, one module per on-disk format; nothing outside this package knows a key name.
 
     load_adapter(path, format=None, allow_pickle=False) -> Adapter
-    save_adapter(adapter, out, format=None) -> Path
+    save_adapter(adapter, out, format=None, overwrite=False, inputs=()) -> Path   (lorahub.output's policy)
+    output_target(out, format) -> (path, "dir" | "file")
 
 The registry: each format module declares its `FORMATS` records (`lorahub.formats.spec.Format`);
 `_MODULES` lists the modules. Adding a format is one module and one line here.
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, ContextManager, Iterable, Literal
 
 from ..adapter import Adapter
 from ..errors import LorahubError
 from ..storage import is_pickle_path
 from .common import ADAPTER_KEY_MARKERS, TensorSource
 from .spec import Format
+
+if TYPE_CHECKING:
+    from ..output import InputSpec, OutputPlan
 
 # the format modules, in the order the CLI lists their formats: adding a format adds its name here
 _MODULES = ("peft", "kohya", "diffusers")
@@ -106,32 +111,61 @@ def load_adapter(path: Path | str, format: str | None = None, *, allow_pickle: b
     return fmt.read(_single_file(path), allow_pickle=allow_pickle)
 
 
-def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None) -> Path:
-    """Write `adapter` at `out` (a directory for PEFT, a file otherwise), atomically."""
-    from ..storage import atomic_path
-
-    name = format or (adapter.format if adapter.format in FORMATS else "peft")
-    if name not in FORMATS:
-        raise LorahubError(f"cannot write format '{name}' (choose from {', '.join(FORMATS)})")
-    fmt = _REGISTRY[name]
-    assert fmt.write is not None
+def output_target(out: Path | str, format: str) -> tuple[Path, Literal["dir", "file"]]:
+    """Where an adapter of `format` written at `out` goes, and whether that output is a directory
+    (PEFT) or a file (kohya, diffusers: `out` itself, or the format's default file name inside an
+    existing directory). Refuses a path that cannot hold that format, before any work is done."""
+    if format not in FORMATS:
+        raise LorahubError(f"cannot write format '{format}' (choose from {', '.join(FORMATS)})")
+    fmt = _REGISTRY[format]
     out = Path(out)
     if fmt.directory:
-        if out.exists() and not out.is_dir():
-            raise LorahubError(f"output exists and is not a directory ({fmt.name} adapters are directories)",
-                               path=out)
-        with atomic_path(out, is_dir=True) as tmp:
-            fmt.write(adapter, tmp)
-    else:
-        if out.suffix != ".safetensors":
-            if out.is_dir():
-                out = out / (fmt.default_file or "adapter.safetensors")
-            else:
-                raise LorahubError("output file name must end in .safetensors", path=out)
-        with atomic_path(out) as tmp:
-            fmt.write(adapter, tmp)
-    return out
+        if out.suffix == ".safetensors" and not out.is_dir():
+            raise LorahubError(f"{fmt.name} output is a directory; give a directory for --out or pass "
+                               "--to kohya/diffusers", path=out)
+        return out, "dir"
+    if out.suffix != ".safetensors":
+        if out.is_dir() and not out.is_symlink():
+            return out / (fmt.default_file or "adapter.safetensors"), "file"
+        raise LorahubError("output file name must end in .safetensors", path=out)
+    return out, "file"
 
 
-__all__ = ["FORMATS", "READ_FORMATS", "Format", "all_formats", "detect_by_keys", "get_format", "is_adapter_state",
-           "load_adapter", "marker_files", "save_adapter"]
+def adapter_sources(adapter: Adapter) -> list[Path]:
+    """The files and directory an adapter was read from: an output must never replace them."""
+    paths = [adapter.path] if adapter.path is not None else []
+    return paths + list(adapter.files)
+
+
+def reserve_output(out: Path | str, format: str, *, overwrite: bool = False,
+                   sources: Iterable[Adapter] = ()) -> ContextManager[OutputPlan]:
+    """Check and lock the output an adapter of `format` will be written to, before the work that makes
+    it (resize, blend): a refusal or a second writer is reported at once, not after the work."""
+    from .. import output
+
+    path, kind = output_target(out, format)
+    return output.reserve(path, kind=kind, overwrite=overwrite,
+                          inputs=[("adapter", p) for adapter in sources for p in adapter_sources(adapter)])
+
+
+def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None, *, overwrite: bool = False,
+                 inputs: Iterable[InputSpec] = ()) -> Path:
+    """Write `adapter` at `out` (a directory for PEFT, a file otherwise) under the output policy
+    (`lorahub.output`): an existing `out` is refused unless `overwrite`, never one holding files
+    lorahub did not write, never one that is or holds an input (the adapter's own files included)."""
+    from .. import output
+
+    name = format or (adapter.format if adapter.format in FORMATS else "peft")
+    path, kind = output_target(out, name)
+    fmt = _REGISTRY[name]
+    assert fmt.write is not None
+    sources = [("adapter", p) for p in adapter_sources(adapter)]
+    with output.write(path, kind=kind, overwrite=overwrite, inputs=[*inputs, *sources],
+                      command=f"save {name}") as tmp:
+        fmt.write(adapter, tmp)
+    return path
+
+
+__all__ = ["FORMATS", "READ_FORMATS", "Format", "adapter_sources", "all_formats", "detect_by_keys", "get_format",
+           "is_adapter_state", "load_adapter", "marker_files", "output_target", "reserve_output",
+           "save_adapter"]

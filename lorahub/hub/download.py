@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
+from .. import output
 from ..errors import LorahubError
-from ..storage import atomic_path
 from .client import HubUnreachable, client, current_token, hub_errors, is_offline, list_files
 from .files import adapter_local_path, choose_adapter_files, peft_folder
 from .refs import HubRef, is_hub_ref, parse_ref
@@ -59,8 +59,20 @@ def _local_files(root: Path) -> list[str]:
 
 def pull(ref: str | HubRef, *, revision: str | None = None, include: str | None = None,
          out: str | Path | None = None, token: str | None = None,
-         prompt: Callable[[list[str]], int] | None = None) -> PullResult:
-    """Download one adapter's files from a Hub repo into the HF cache (or copy them to `out`)."""
+         prompt: Callable[[list[str]], int] | None = None, overwrite: bool = False) -> PullResult:
+    """Download one adapter's files from a Hub repo into the HF cache (or copy them to `out`, a folder
+    written under lorahub.output's policy: an existing one is replaced only with `overwrite`, and only
+    if lorahub wrote it)."""
+    if out is None:
+        return _pull(ref, revision=revision, include=include, out=None, token=token, prompt=prompt)
+    # refused, or locked against a second writer, before anything is downloaded
+    with output.reserve(out, kind="dir", overwrite=overwrite):
+        return _pull(ref, revision=revision, include=include, out=out, token=token, prompt=prompt,
+                     overwrite=overwrite)
+
+
+def _pull(ref: str | HubRef, *, revision: str | None, include: str | None, out: str | Path | None,
+          token: str | None, prompt: Callable[[list[str]], int] | None, overwrite: bool = False) -> PullResult:
     hf = client()
     if not isinstance(ref, HubRef):
         ref = parse_ref(ref, revision=revision)
@@ -104,15 +116,16 @@ def pull(ref: str | HubRef, *, revision: str | None = None, include: str | None 
     root = snapshot
     if out is not None:
         root = Path(out)
-        root.mkdir(parents=True, exist_ok=True)
         folder = peft_folder(chosen)
-        # each file lands complete or not at all; the PEFT config (chosen[0]) last, so an
-        # interrupted copy never looks like an adapter
-        for f in reversed(chosen):
-            rel = PurePosixPath(f).relative_to(folder) if folder is not None and str(folder) != "." else \
-                PurePosixPath(f).name if folder is None else PurePosixPath(f)
-            with atomic_path(root / str(rel)) as tmp:
-                shutil.copyfile(snapshot / f, tmp)  # follows the cache's symlinks
+        # the folder lands complete or not at all (never the cache snapshot it is copied from)
+        with output.write(root, kind="dir", overwrite=overwrite, inputs=[("Hub cache snapshot", snapshot)],
+                          command="pull") as tmp:
+            for f in chosen:
+                rel = PurePosixPath(f).relative_to(folder) if folder is not None and str(folder) != "." else \
+                    PurePosixPath(f).name if folder is None else PurePosixPath(f)
+                dest = tmp / str(rel)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(snapshot / f, dest)  # follows the cache's symlinks
         local = root if folder is not None else root / PurePosixPath(chosen[0]).name
     return PullResult(local, ref.repo_id, rev, commit, chosen, root, offline)
 

@@ -16,7 +16,10 @@ import torch
 from ..adapter import LazyTensor
 from ..devices import exact_fp32_matmul, resolve_device
 from ..errors import LorahubError, UnsupportedError
-from ..storage import atomic_path, read_header
+from ..output import InputSpec
+from ..output import prepare as prepare_output
+from ..output import write as write_output
+from ..storage import read_header
 from .ops import FLOAT_DTYPES, Op
 from .pipeline import Pipeline, preload_factors
 from .plan import AdapterInput, BaseFile, BaseLayout, TensorJob, TensorPlan, file_jobs, load_layout, plan_merge
@@ -89,17 +92,16 @@ def _normalize_dtype(dtype: str | None) -> str | None:
     raise LorahubError(f"unknown dtype '{dtype}' (use fp32, fp16 or bf16)")
 
 
-def _check_out(base_root: Path, out: Path, overwrite: bool) -> None:
-    base_dir = base_root if base_root.is_dir() else base_root.parent
-    out_abs, base_abs = out.resolve(), base_dir.resolve()
-    if out_abs == base_abs or out_abs == base_root.resolve():
-        raise LorahubError("--out is the base itself; write to a new directory (the merge reads the base while "
-                           "writing, and an in-place merge could not be undone if interrupted)", path=out)
-    if base_root.is_dir() and base_abs in out_abs.parents:
-        raise LorahubError("--out must not be inside the base directory", path=out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise LorahubError("output exists; pass --overwrite to replace it (it is replaced only once the new "
-                           "one is complete)", path=out)
+def _check_out(layout: BaseLayout, adapters: Sequence[AdapterInput], role: str, out: Path,
+               overwrite: bool) -> list[InputSpec]:
+    """lorahub.output's policy, before any work: `--out` is never the base (or merged model) or an
+    adapter, nor holds or lies inside one. Returns those inputs for the write."""
+    from ..formats import adapter_sources
+
+    inputs: list[InputSpec] = [(role, layout.root)]
+    inputs += [("adapter", p) for item in adapters for p in adapter_sources(item.adapter)]
+    prepare_output(out, kind="dir", overwrite=overwrite, inputs=inputs)
+    return inputs
 
 
 def _copy_others(layout: BaseLayout, out_dir: Path, record_json: dict[str, Any] | None,
@@ -153,14 +155,17 @@ def _attach_originals(jobs: list[TensorJob], undo_source: Path) -> None:
         job.restore = True
 
 
-def _execute(layout: BaseLayout, plans: list[TensorPlan], out: Path, *, out_dtype: str | None,
+def _execute(layout: BaseLayout, plans: list[TensorPlan], out: Path, *, out_inputs: list[InputSpec],
+             overwrite: bool, operation: str, out_dtype: str | None,
              device: torch.device, record: dict[str, Any], save_originals: bool, undo_name: str | None,
              drop_files: set[str], progress: ProgressFactory | None, restore: bool = False,
              undo_source: Path | None = None) -> tuple[dict[str, Any], float]:
-    """Plan the files, run the pipeline into a temporary directory beside `out`, rename into place."""
+    """Plan the files, run the pipeline into a temporary directory beside `out` (locked: a second writer
+    fails here, before any data is written) and swap it into place (lorahub.output)."""
     started = time.perf_counter()
     metadata_value = compact_record(record)
-    with atomic_path(out, is_dir=True) as tmp, contextlib.ExitStack() as stack:
+    with write_output(out, kind="dir", overwrite=overwrite, inputs=out_inputs, command=operation) as tmp, \
+            contextlib.ExitStack() as stack:
         jobs = file_jobs(layout, plans, tmp, out_dtype, metadata_value)
         tensor_jobs = [tjob for job in jobs for tjob in job.tensors]
         if restore:
@@ -219,7 +224,7 @@ def merge(base: str | Path, adapters: Sequence[AdapterInput], out: str | Path, *
         raise LorahubError("no adapters to merge")
     out = Path(out)
     layout = load_layout(base)
-    _check_out(layout.root, out, overwrite)
+    out_inputs = _check_out(layout, adapters, "base", out, overwrite)
     out_dtype = _normalize_dtype(dtype)
     dev = resolve_device(device)
     plans = plan_merge(layout, adapters, check=check)
@@ -233,7 +238,8 @@ def merge(base: str | Path, adapters: Sequence[AdapterInput], out: str | Path, *
         entry["undo_file"] = None
         undo_name = None
     record = {"merges": record["merges"] + [entry]}
-    stats, seconds = _execute(layout, plans, out, out_dtype=out_dtype, device=dev, record=record,
+    stats, seconds = _execute(layout, plans, out, out_inputs=out_inputs, overwrite=overwrite, operation="merge",
+                              out_dtype=out_dtype, device=dev, record=record,
                               save_originals=save_originals, undo_name=undo_name, drop_files=set(),
                               progress=progress)
     warnings = [f"not copied: {rel} (weights in a format this merge does not rewrite)" for rel in layout.skipped]
@@ -299,7 +305,7 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
         raise LorahubError("no adapters to unmerge")
     out = Path(out)
     layout = load_layout(merged)
-    _check_out(layout.root, out, overwrite)
+    out_inputs = _check_out(layout, adapters, "merged model", out, overwrite)
     out_dtype = _normalize_dtype(dtype)
     dev = resolve_device(device)
     record = read_record(layout.root)
@@ -348,7 +354,8 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
         entry = new_entry("unmerge", inputs, layout, out_dtype, dev, None, False)
         new_record = {"merges": record["merges"] + [entry]}
         drop = set()
-    stats, seconds = _execute(layout, plans, out, out_dtype=out_dtype, device=dev, record=new_record,
+    stats, seconds = _execute(layout, plans, out, out_inputs=out_inputs, overwrite=overwrite, operation="unmerge",
+                              out_dtype=out_dtype, device=dev, record=new_record,
                               save_originals=False, undo_name=None, drop_files=drop, progress=progress,
                               restore=use_originals, undo_source=undo_path)
     warnings += [f"not copied: {rel} (weights in a format this unmerge does not rewrite)" for rel in layout.skipped]

@@ -206,7 +206,7 @@ class Pipeline:
             for job in files:
                 job.dest.parent.mkdir(parents=True, exist_ok=True)
                 src_fd = os.open(job.source.path, os.O_RDONLY)
-                dst_fd = os.open(job.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                dst_fd = os.open(job.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask
                 try:
                     if job.header_bytes is None:
                         began = time.perf_counter()
