@@ -1,8 +1,8 @@
 """The one in-memory representation of a LoRA adapter.
 
 Every format reader produces an `Adapter`; every writer consumes one. Factors are `LazyTensor`s:
-a file-backed reference that reads its bytes only when asked (safetensors `safe_open`), or a tensor
-already in memory (results of resize/blend/convert).
+a file-backed reference that reads its bytes only when asked (through the file's one cached handle,
+`storage.open_safetensors`), or a tensor already in memory (results of resize/blend/convert).
 
 Each layer's geometry (base weight shape, orientation, how ΔW lies in the base weight) belongs to
 its kind: see `lorahub.kinds`.
@@ -68,7 +68,7 @@ class LazyTensor(TensorSize):
         if value is not None:
             shape = tuple(value.shape)
             dtype = TORCH_TO_ST.get(value.dtype, str(value.dtype))
-        self.path = Path(path) if path is not None else None
+        self.path = path if path is None or isinstance(path, Path) else Path(path)  # Path(Path) re-parses
         self.key = key
         self.shape: tuple[int, ...] = tuple(shape or ())
         self.dtype: str = dtype or "F32"
@@ -83,16 +83,30 @@ class LazyTensor(TensorSize):
         return self._value is not None
 
     def load(self) -> torch.Tensor:
-        """The tensor in its stored dtype (not cached: adapters can be larger than we want to keep)."""
+        """The tensor in its stored dtype (not cached: adapters can be larger than we want to keep).
+
+        File-backed tensors are read from the file's one cached handle (`storage.open_safetensors`:
+        the header is parsed once per file, the bytes read at the offsets it gives)."""
         if self._value is not None:
             return self._value
-        from safetensors import safe_open
+        if self.path is None:
+            raise LorahubError("cannot read tensor: it has neither a value nor a file", key=self.key)
+        from .storage import open_safetensors
 
-        try:
-            with safe_open(str(self.path), framework="pt") as handle:
-                return handle.get_tensor(self.key)
-        except Exception as exc:  # safetensors raises several types; the user needs file + key
-            raise LorahubError(f"cannot read tensor: {exc}", path=self.path, key=self.key) from None
+        file = open_safetensors(self.path)  # a missing, corrupt or truncated file: its own error, naming it
+        info = file.info(self.key)
+        dtype = ST_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise LorahubError(f"cannot read tensor: unsupported dtype {info.dtype}", path=self.path, key=self.key)
+        nbytes = math.prod(info.shape) * ST_ITEMSIZE[info.dtype]
+        if nbytes != info.end - info.begin:
+            raise LorahubError(f"cannot read tensor: corrupt safetensors header ({info.end - info.begin} bytes "
+                               f"for {info.dtype}{list(info.shape)})", path=self.path, key=self.key)
+        if nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        file.read_into(self.key, raw.numpy(), info)  # straight into the tensor's memory: one copy
+        return raw.view(dtype).reshape(info.shape)
 
     def float(self, device: torch.device | str | None = None) -> torch.Tensor:
         return self.load().to(device=device, dtype=torch.float32)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Hashable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -43,12 +44,22 @@ __all__ = [
     "factored_svd",
     "stack_terms",
     "factored_svd_sum",
+    "BatchedFactoredSVD",
+    "factored_svd_batched",
+    "factored_svd_sum_batched",
+    "split_factors_batched",
+    "plan_batches",
+    "stack_factors",
+    "prefetched",
     "choose_rank",
     "split_factors",
     "retention",
     "effective_rank",
     "METHODS",
 ]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -163,6 +174,316 @@ def factored_svd(up: Tensor, down: Tensor, *, compute_dtype: torch.dtype = torch
     singular triplets, S descending. Works for r > n or r > k, zero factors and r = 0 (q = 0).
     """
     return _FactoredSVD(up, down, compute_dtype, device).svd()
+
+
+# ---------------------------------------------------------------------------------------------
+# many same-shape products at once
+
+# the Cholesky route accepts a basis only if it is this close to orthonormal and reproduces its factor
+# this closely (float64; the float32 Householder route is good to ~1e-7)
+_CHOLESKY_TOL = 1e-10
+
+
+def _stacked(factors: Tensor | Sequence[Tensor], dev: torch.device, dtype: torch.dtype, what: str) -> Tensor:
+    if isinstance(factors, Tensor):
+        if factors.ndim != 3:
+            raise ValueError(f"batched {what} must be (b, rows, cols), got {tuple(factors.shape)}")
+        return factors.to(device=dev, dtype=dtype)
+    factors = list(factors)
+    if not factors:
+        raise ValueError(f"no {what} given")
+    shape = factors[0].shape
+    if any(f.ndim != 2 or f.shape != shape for f in factors):
+        raise ValueError(f"batched {what} must all be 2-D of one shape, got "
+                         f"{sorted({tuple(f.shape) for f in factors})}")
+    out = torch.empty((len(factors), *shape), dtype=dtype, device=dev)
+    for i, factor in enumerate(factors):
+        out[i].copy_(factor, non_blocking=True)
+    return out
+
+
+def _parallel_svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched thin SVD of small CPU matrices, the batch split over torch's threads (LAPACK runs the
+    matrices of one call one after the other; on a GPU host the cores are the slowest step)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .devices import torch_threads
+
+    count = min(torch.get_num_threads(), max(1, core.shape[0] // 8))
+    if count <= 1:
+        return torch.linalg.svd(core, full_matrices=False)
+    bounds = [(core.shape[0] * i) // count for i in range(count + 1)]
+    with torch_threads(1), ThreadPoolExecutor(max_workers=count, thread_name_prefix="lorahub-svd") as pool:
+        parts = list(pool.map(lambda i: torch.linalg.svd(core[bounds[i]:bounds[i + 1]], full_matrices=False),
+                              range(count)))
+    return tuple(torch.cat([part[j] for part in parts]) for j in range(3))
+
+
+class _Basis:
+    """Thin QR X = Q·R of a batch of tall matrices X (b, m, r), r < m: `R` (b, r, r) and Q on demand.
+
+    "householder": `torch.geqrf` (reflectors kept, Q applied with `ormqr`; matrix by matrix on the CPU,
+    where one call over a batch is slower than a loop), as `factored_svd`. "cholesky": CholeskyQR2 in
+    float64 — two rounds of R = chol(XᵀX)ᵀ, Q = X·R⁻¹ — all batched matrix products, ~1000× faster than
+    cuSOLVER's one-matrix-at-a-time geqrf on a GPU; a matrix whose Q comes out less orthonormal than
+    `_CHOLESKY_TOL` or does not reproduce X to it (rank-deficient or ill-conditioned factors) is redone
+    with Householder QR in float64.
+    """
+
+    def __init__(self, X: Tensor, method: str) -> None:
+        self.method, self.rows = method, X.shape[1]
+        if method == "householder":
+            r = X.shape[2]
+            if X.device.type == "cpu":  # matrix by matrix; kept apart (stacking them costs a copy)
+                self.pairs = [torch.geqrf(x) for x in X]
+                self.R = torch.stack([torch.triu(a[:r]) for a, _ in self.pairs])
+            else:
+                a, tau = torch.geqrf(X)
+                self.pairs = (a, tau)
+                self.R = torch.triu(a[:, :r])
+            return
+        X = X.to(torch.float64)
+        L1, info1 = torch.linalg.cholesky_ex(X.mT @ X)
+        Q = torch.linalg.solve_triangular(L1.mT, X, upper=True, left=False)
+        L2, info2 = torch.linalg.cholesky_ex(Q.mT @ Q)
+        Q = torch.linalg.solve_triangular(L2.mT, Q, upper=True, left=False)
+        R = L2.mT @ L1.mT
+        eye = torch.eye(X.shape[2], dtype=X.dtype, device=X.device)
+        orth = (Q.mT @ Q - eye).abs().amax(dim=(1, 2))
+        scale = X.abs().amax(dim=(1, 2))
+        resid = (Q @ R - X).abs().amax(dim=(1, 2))
+        good = (info1 == 0) & (info2 == 0) & (orth <= _CHOLESKY_TOL) & (resid <= _CHOLESKY_TOL * scale)
+        bad = torch.nonzero(~good).flatten().tolist()  # one sync
+        for i in bad:  # exact zeros, repeated columns, κ beyond ~1e7: Householder for these few
+            q_i, r_i = torch.linalg.qr(X[i])
+            Q[i], R[i] = q_i, r_i
+        self.Q, self.R = Q, R
+        self.fallbacks = len(bad)
+
+    def apply(self, Y: Tensor) -> Tensor:
+        """Q @ Y for Y (b, r, m)."""
+        if self.method == "cholesky":
+            return self.Q @ Y.to(self.Q.dtype)
+        padded = Y.new_zeros((Y.shape[0], self.rows, Y.shape[2]))
+        padded[:, : Y.shape[1]] = Y
+        if isinstance(self.pairs, list):
+            return torch.stack([torch.ormqr(a, tau, y) for (a, tau), y in zip(self.pairs, padded)])
+        return torch.ormqr(*self.pairs, padded)
+
+
+class BatchedFactoredSVD:
+    """Exact thin SVDs of b products ups[i] @ downs[i] of one shape (n×r @ r×k), side by side.
+
+    The same mathematics as `factored_svd` (QR of both factors, SVD of the r×r core, kept singular
+    vectors applied back), with one batched call per step instead of one per layer. `S` (b, q) is ready
+    on construction; singular vectors are expanded on demand, only as many as kept (`expand`, `svds`).
+
+    `method`: "householder" (Householder QR in `compute_dtype`; per matrix on the CPU), "cholesky"
+    (CholeskyQR2 in float64, the cores' SVD in float64 on the CPU; only for `compute_dtype` float32,
+    where it is at least as exact), or "auto": cholesky on CUDA for float32, else householder. Singular
+    values agree with `factored_svd` to `compute_dtype` precision either way. Factors with NaN/Inf raise
+    `LorahubError` naming `names[i]` when names are given.
+    """
+
+    def __init__(self, ups: Tensor | Sequence[Tensor], downs: Tensor | Sequence[Tensor], *,
+                 compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 method: str = "auto", names: Sequence[str] | None = None) -> None:
+        first = ups if isinstance(ups, Tensor) else next(iter(ups), None)
+        dev = device_of(device, *([first] if isinstance(first, Tensor) else []))
+        B = _stacked(ups, dev, compute_dtype, "ups")
+        A = _stacked(downs, dev, compute_dtype, "downs")
+        b, n, r = B.shape
+        if A.shape[0] != b or A.shape[1] != r:
+            raise ValueError(f"batched factors do not multiply: ups {tuple(B.shape)}, downs {tuple(A.shape)}")
+        k = A.shape[2]
+        if method == "auto":
+            method = "cholesky" if dev.type == "cuda" and compute_dtype == torch.float32 else "householder"
+        if method not in ("householder", "cholesky"):
+            raise ValueError(f"unknown method {method!r} (auto|householder|cholesky)")
+        if method == "cholesky" and compute_dtype != torch.float32:
+            method = "householder"  # float64 Householder is the more exact one for float64 work
+        self.b, self.n, self.r, self.k, self.q = b, n, r, k, min(r, n, k)
+        self.dtype, self.device, self.method = compute_dtype, dev, method
+        self.names = list(names) if names is not None else None
+        if self.q == 0:
+            self.S = B.new_zeros((b, 0))
+            self._left = self._right = None
+            self.U_m, self.Vh_m = B.new_zeros((b, n, 0)), B.new_zeros((b, 0, k))
+            return
+        # QR only where it shrinks the problem (r < n, r < k); otherwise the basis is the identity
+        self._left = _Basis(B, method) if r < n else None
+        R_B = self._left.R if self._left is not None else B  # (b, p, r)
+        self._right = _Basis(A.mT, method) if r < k else None
+        R_A = self._right.R if self._right is not None else A.mT  # (b, p', r)
+        core_dtype = torch.float64 if method == "cholesky" else compute_dtype
+        core = R_B.to(core_dtype) @ R_A.to(core_dtype).mT
+        if dev.type != "cpu" and core.shape[1] * core.shape[2] <= _SMALL_CORE:
+            core = core.cpu()  # small SVDs are latency-bound on a GPU (about 1 ms each for 64×64)
+        finite = torch.isfinite(core).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            index = int(torch.nonzero(~finite)[0, 0])
+            raise LorahubError("factors contain NaN or Inf; cannot compute their SVD",
+                               key=self.names[index] if self.names else None)
+        U_m, S, Vh_m = _parallel_svd(core) if core.device.type == "cpu" and dev.type != "cpu" else \
+            torch.linalg.svd(core, full_matrices=False)
+        self.U_m, self.Vh_m = U_m.to(dev), Vh_m.to(dev)
+        self.S = S.to(device=dev, dtype=compute_dtype)
+
+    @property
+    def fallbacks(self) -> int:
+        """How many factors the Cholesky route handed to Householder QR (0 for householder)."""
+        return sum(getattr(side, "fallbacks", 0) for side in (self._left, self._right) if side is not None)
+
+    def expand(self, keep: int | None = None) -> tuple[Tensor, Tensor]:
+        """(U (b, n, m), Vh (b, m, k)) in `compute_dtype` with m = min(keep, q) singular vectors."""
+        m = self.q if keep is None else max(0, min(int(keep), self.q))
+        if self.q == 0:
+            return self.U_m, self.Vh_m
+        U_m, V_m = self.U_m[:, :, :m], self.Vh_m[:, :m].mT
+        U = self._left.apply(U_m) if self._left is not None else U_m
+        V = self._right.apply(V_m) if self._right is not None else V_m
+        return U.to(self.dtype), V.to(self.dtype).mT
+
+    def svds(self, keep: int | Sequence[int] | None = None) -> list[LowRankSVD]:
+        """One `LowRankSVD` per product: all q singular values, `keep` (one for all, or one each)
+        singular vectors expanded (default all q)."""
+        keeps = [keep] * self.b if keep is None or isinstance(keep, int) else [int(x) for x in keep]
+        if len(keeps) != self.b:
+            raise ValueError(f"{len(keeps)} keep values for {self.b} products")
+        widest = None if any(x is None for x in keeps) else max(keeps, default=0)
+        U, Vh = self.expand(widest)
+        out = []
+        for i, m in enumerate(keeps):
+            m = U.shape[2] if m is None else max(0, min(m, self.q))
+            out.append(LowRankSVD(U=U[i, :, :m], S=self.S[i], Vh=Vh[i, :m]))
+        return out
+
+
+def factored_svd_batched(ups: Tensor | Sequence[Tensor], downs: Tensor | Sequence[Tensor], *,
+                         compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                         keep: int | Sequence[int] | None = None, method: str = "auto") -> list[LowRankSVD]:
+    """`[factored_svd(up, down) for up, down in zip(ups, downs)]`, computed side by side.
+
+    `ups`: b tensors n×r (or one (b, n, r) tensor), `downs`: b tensors r×k (or (b, r, k)); all products
+    of one shape. Each result holds all q = min(r, n, k) singular values and `keep` singular vectors (an
+    int, one int per product, or None for all). See `BatchedFactoredSVD` for `method`.
+    """
+    return BatchedFactoredSVD(ups, downs, compute_dtype=compute_dtype, device=device, method=method).svds(keep)
+
+
+def factored_svd_sum_batched(term_lists: Sequence[list[tuple[float, Tensor, Tensor]]], *,
+                             compute_dtype: torch.dtype = torch.float32,
+                             device: torch.device | str | None = None,
+                             keep: int | Sequence[int] | None = None, method: str = "auto") -> list[LowRankSVD]:
+    """`[factored_svd_sum(terms) for terms in term_lists]`, side by side: every sum must stack to the
+    same shape (n×R @ R×k, R = Σ rᵢ), e.g. the same module of each blended adapter."""
+    stacked = []
+    for terms in term_lists:
+        dev = device_of(device, terms[0][1]) if terms else None
+        stacked.append(stack_terms([(c, u.to(dev), d.to(dev)) for c, u, d in terms], dtype=compute_dtype))
+    return factored_svd_batched([u for u, _ in stacked], [d for _, d in stacked], compute_dtype=compute_dtype,
+                                device=device, keep=keep, method=method)
+
+
+def split_factors_batched(U: Tensor, S: Tensor, Vh: Tensor, mode: str = "balanced") -> tuple[Tensor, Tensor]:
+    """`split_factors` for a batch: U (b, n, m), S (b, ≥ m), Vh (b, m, k) → (up (b, n, m), down (b, m, k)).
+    Column j of a product's result depends only on its j-th triplet, so slicing the first r' ≤ m
+    columns/rows per product gives exactly `split_factors(svd, r')`."""
+    m = U.shape[2]
+    S = S[:, :m].to(U.dtype)
+    if mode == "balanced":
+        root = torch.sqrt(S)
+        return U * root[:, None, :], root[:, :, None] * Vh
+    if mode == "up":
+        return U * S[:, None, :], Vh.clone()
+    if mode == "down":
+        return U.clone(), S[:, :, None] * Vh
+    raise ValueError(f"unknown split mode {mode!r} (balanced|up|down)")
+
+
+# ---------------------------------------------------------------------------------------------
+# batching layers: which layers go together, getting their factors onto the device, overlapping
+
+# per batch: layers and bytes of factors in the compute dtype. On a GPU a batch is a chain of ~30
+# batched kernels whatever its size, so batches are large (but small enough that the next one's
+# copy to the device overlaps the current one's work); on the CPU the LAPACK calls run matrix by
+# matrix anyway (one geqrf over a batch measured 1.6× slower than a loop: cache), so batches only
+# share the bookkeeping and are kept small, several per group, for the worker threads.
+GPU_BATCH_LAYERS, GPU_BATCH_BYTES = 64, 256 << 20
+CPU_BATCH_LAYERS, CPU_BATCH_BYTES = 16, 64 << 20
+
+
+def plan_batches(keys: Sequence[Hashable], nbytes: Sequence[int], *, device: torch.device | str | None = None,
+                 max_layers: int | None = None, max_bytes: int | None = None, workers: int = 1) -> list[list[int]]:
+    """Indices of items grouped by `keys` (items that can be stacked: same shapes and dtypes), each
+    group cut into near-equal batches of at most `max_layers` items and `max_bytes` (`nbytes` each),
+    and on the CPU into at least `workers` batches where the group allows. Groups in first-seen order."""
+    on_gpu = device is not None and torch.device(device).type != "cpu"
+    max_layers = max_layers or (GPU_BATCH_LAYERS if on_gpu else CPU_BATCH_LAYERS)
+    max_bytes = max_bytes or (GPU_BATCH_BYTES if on_gpu else CPU_BATCH_BYTES)
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    batches: list[list[int]] = []
+    for indices in groups.values():
+        per_item = max(1, max(nbytes[i] for i in indices))
+        size = max(1, min(max_layers, max_bytes // per_item))
+        count = -(-len(indices) // size)
+        if not on_gpu:
+            count = max(count, min(workers, len(indices)))
+        bounds = [(len(indices) * j) // count for j in range(count + 1)]
+        batches += [indices[bounds[j]:bounds[j + 1]] for j in range(count)]
+    return batches
+
+
+def stack_factors(tensors: Sequence, shape: tuple[int, ...], *, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """b tensors (or `LazyTensor`s: anything with `.load()`) reshaped to `shape`, stacked into one
+    (b, *shape) tensor of `dtype` on `device`. To a GPU the stored bytes travel (bf16 stays half the
+    size) and are converted there."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    values = (t.load() if hasattr(t, "load") else t for t in tensors)
+    first = next(values)
+    stage_dtype = dtype if dev.type == "cpu" else first.dtype
+    out = torch.empty((len(tensors), *shape), dtype=stage_dtype, device=dev)
+    out[0].copy_(first.reshape(shape), non_blocking=True)
+    for i, value in enumerate(values, start=1):
+        out[i].copy_(value.reshape(shape), non_blocking=True)
+    return out.to(dtype)
+
+
+def prefetched(load: Callable[[T], tuple], compute: Callable[..., R], batches: Sequence[T], *,
+               device: torch.device | str | None = None) -> Iterator[R]:
+    """`compute(batch, *load(batch))` for each batch in order, the next batch's `load` running in a
+    background thread (on a GPU on its own CUDA stream) while the current batch computes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = dev.type == "cuda"
+
+    def load_ready(batch: T) -> tuple:
+        if not cuda:
+            return load(batch)
+        stream = torch.cuda.Stream(dev)
+        with torch.cuda.stream(stream):
+            loaded = load(batch)
+        stream.synchronize()
+        return loaded
+
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahub-load") as pool:
+        pending = pool.submit(load_ready, batches[0])
+        for index, batch in enumerate(batches):
+            loaded = pending.result()
+            if index + 1 < len(batches):
+                pending = pool.submit(load_ready, batches[index + 1])
+            if cuda:  # allocated on the loader's stream: keep the memory until this stream is done with it
+                current = torch.cuda.current_stream(dev)
+                for tensor in loaded:
+                    if isinstance(tensor, Tensor) and tensor.is_cuda:
+                        tensor.record_stream(current)
+            yield compute(batch, *loaded)
 
 
 def stack_terms(terms: list[tuple[float, Tensor, Tensor]], *,

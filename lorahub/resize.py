@@ -33,10 +33,21 @@ from typing import Callable
 import torch
 
 from .adapter import ST_DTYPES, Adapter, LoraLayer
-from .devices import map_layers
+from .devices import default_workers, map_layers
 from .errors import LorahubError, UnsupportedError
 from .formats import all_formats
-from .lowrank import METHODS, _FactoredSVD, choose_rank, retention, split_factors
+from .lowrank import (
+    METHODS,
+    BatchedFactoredSVD,
+    _FactoredSVD,
+    choose_rank,
+    plan_batches,
+    prefetched,
+    retention,
+    split_factors,
+    split_factors_batched,
+    stack_factors,
+)
 
 SPLITS = ("balanced", "up")
 
@@ -165,18 +176,22 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
                    split: str = "balanced", device: torch.device | str | None = None,
                    compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None,
                    progress: Callable[[int], None] | None = None,
-                   workers: int | None = None) -> tuple[Adapter, ResizeReport]:
+                   workers: int | None = None, batch_size: int | None = None) -> tuple[Adapter, ResizeReport]:
     """A resized copy of `adapter` and the per-layer report.
 
     `rank`: the new rank (method "fixed") or the cap (dynamic methods; None = no cap beyond the
     layer's own rank). `conv_rank`: the same for k×k convolutions (default: `rank`). `param`: the
     dynamic rule's parameter (sv_ratio: p ≥ 1; sv_fro, sv_cumulative: 0 < p ≤ 1).
 
-    On the CPU, layers are processed by `workers` threads (default: torch's intra-op thread count)
-    with torch's own intra-op threading set to 1 for the duration (restored afterwards): the
-    per-layer operations are small (QR of n×r, an r×r SVD) and gain little from intra-op threads,
-    while OpenMP's barriers made them 10–100× slower when the CPU was shared with other processes.
-    `workers=0` leaves torch's threading alone and runs the layers one by one.
+    Layers of one shape (n, k, r) and dtype are decomposed together, `batch_size` at a time
+    (`lowrank.BatchedFactoredSVD`; default `plan_batches`' sizes; 1 = one layer at a time through
+    `factored_svd`'s code path). On a GPU a batch is one chain of batched kernels, the next batch's
+    factors copied in while the current one computes. On the CPU, batches are processed by `workers`
+    threads (default: torch's intra-op thread count) with torch's own intra-op threading set to 1 for
+    the duration (restored afterwards): the per-layer operations are small (QR of n×r, an r×r SVD)
+    and gain little from intra-op threads, while OpenMP's barriers made them 10–100× slower when the
+    CPU was shared with other processes. `workers=0` leaves torch's threading alone and runs the
+    batches one by one.
     """
     _validate_args(rank, method, param, conv_rank, split)
     if param is not None:
@@ -187,19 +202,10 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
     report = ResizeReport(method=method, param=param, rank=rank, conv_rank=conv_cap,
                           kohya_compat=kohya_compat, split=split)
     start = time.perf_counter()
+    on_cpu = device is None or torch.device(device).type == "cpu"
 
-    def one(item: tuple[str, LoraLayer]) -> tuple[LoraLayer, LayerResize]:
-        target, layer = item
-        cap = conv_cap if is_spatial_conv(layer) else rank
-        if method == "fixed" and not kohya_compat and cap >= layer.rank:
-            # nothing to truncate: keep the tensors untouched, skip the SVD
-            return layer, LayerResize(
-                target=target, kind=layer.kind, kernel=_kernel(layer), old_rank=layer.rank,
-                new_rank=layer.rank, kept=True, zero=False, fro_retained=1.0, energy_retained=1.0,
-                sum_retained=1.0, max_dropped_ratio=0.0, old_alpha=layer.alpha, new_alpha=layer.alpha)
-        up, down = layer.factors(device=device, dtype=compute_dtype)
-        decomposition = _FactoredSVD(up, down, compute_dtype, device)  # S now, vectors on demand
-        S = decomposition.S
+    def outcome(target: str, layer: LoraLayer, S: torch.Tensor, cap: int | None) -> tuple[int | None, bool]:
+        """(new rank, or None to keep the layer; whether its delta is zero) from its spectrum S."""
         if kohya_compat:
             # kohya clamps against the full spectrum of the dense matrix, length min(n, k)
             full = min(layer.out_features, layer.in_features)
@@ -209,28 +215,106 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
         chosen = choose_rank(S_rule, rank=cap, method=method, param=param, kohya_compat=kohya_compat)
         zero = not bool((S > 0).any())
         if chosen >= layer.rank and not zero:
-            new_layer = layer
-            entry = dict(new_rank=layer.rank, kept=True, new_alpha=layer.alpha, stats=retention(S, layer.rank))
+            return None, zero
+        # chosen ≤ q = min(r, n, k) (choose_rank never exceeds len(S)), so no zero-padding
+        return max(1, chosen), zero
+
+    def entry(target: str, layer: LoraLayer, S: torch.Tensor, new_rank: int | None, zero: bool,
+              up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> tuple[LoraLayer, LayerResize]:
+        """The resized layer (from its new factors, already on the CPU in the stored dtype) and its report."""
+        if new_rank is None:
+            new_layer, new_alpha, kept_rank = layer, layer.alpha, layer.rank
         else:
-            new_rank = max(1, chosen)
-            # chosen ≤ q = min(r, n, k) (choose_rank never exceeds len(S)), so no zero-padding
-            new_up, new_down = split_factors(decomposition.svd(keep=new_rank), new_rank, split)
-            dtype = _stored_dtype(layer, out_dtype)
-            alpha = _new_alpha(layer, new_rank)
-            new_layer = layer.with_factors(new_up.to(device="cpu", dtype=dtype),
-                                           new_down.to(device="cpu", dtype=dtype), alpha=alpha)
-            entry = dict(new_rank=new_rank, kept=False, new_alpha=alpha, stats=retention(S, new_rank))
-        stats = entry.pop("stats")
-        return new_layer, LayerResize(target=target, kind=layer.kind, kernel=_kernel(layer),
-                                      old_rank=layer.rank, zero=zero, old_alpha=layer.alpha, **entry, **stats)
+            new_alpha, kept_rank = _new_alpha(layer, new_rank), new_rank
+            new_layer = layer.with_factors(up, down, alpha=new_alpha)
+        return new_layer, LayerResize(
+            target=target, kind=layer.kind, kernel=_kernel(layer), old_rank=layer.rank, new_rank=kept_rank,
+            kept=new_rank is None, zero=zero, old_alpha=layer.alpha, new_alpha=new_alpha,
+            **retention(S, kept_rank))
+
+    def one(item: tuple[str, LoraLayer, int | None]) -> list[tuple[LoraLayer, LayerResize]]:
+        """One layer on its own (batch_size=1): `factored_svd`'s code path."""
+        target, layer, cap = item
+        up, down = layer.factors(device=device, dtype=compute_dtype)
+        decomposition = _FactoredSVD(up, down, compute_dtype, device)  # S now, vectors on demand
+        S = decomposition.S
+        new_rank, zero = outcome(target, layer, S, cap)
+        if new_rank is None:
+            return [entry(target, layer, S, None, zero)]
+        new_up, new_down = split_factors(decomposition.svd(keep=new_rank), new_rank, split)
+        dtype = _stored_dtype(layer, out_dtype)
+        return [entry(target, layer, S, new_rank, zero, new_up.to(device="cpu", dtype=dtype),
+                      new_down.to(device="cpu", dtype=dtype))]
+
+    def load(batch: list[tuple[str, LoraLayer, int | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        layers = [layer for _, layer, _ in batch]
+        n, k, r = layers[0].out_features, layers[0].in_features, layers[0].rank
+        return (stack_factors([layer.B for layer in layers], (n, r), device=device, dtype=compute_dtype),
+                stack_factors([layer.A for layer in layers], (r, k), device=device, dtype=compute_dtype))
+
+    def compute(batch: list[tuple[str, LoraLayer, int | None]], ups: torch.Tensor,
+                downs: torch.Tensor) -> list[tuple[LoraLayer, LayerResize]]:
+        decomposition = BatchedFactoredSVD(ups, downs, compute_dtype=compute_dtype, device=device,
+                                           names=[target for target, _, _ in batch])
+        spectra = decomposition.S.cpu()  # the rank rules run on the CPU: one copy for the batch
+        decisions = [outcome(target, layer, spectra[i], cap) for i, (target, layer, cap) in enumerate(batch)]
+        widest = max((new_rank for new_rank, _ in decisions if new_rank is not None), default=0)
+        if widest:
+            U, Vh = decomposition.expand(widest)
+            new_ups, new_downs = split_factors_batched(U, decomposition.S, Vh, split)
+            dtype = _stored_dtype(batch[0][1], out_dtype)  # one per batch: the stored dtypes are in its key
+            new_ups, new_downs = new_ups.to(dtype), new_downs.to(dtype)
+        results = []
+        for i, ((target, layer, _), (new_rank, zero)) in enumerate(zip(batch, decisions)):
+            if new_rank is None:
+                results.append(entry(target, layer, spectra[i], None, zero))
+            else:  # copies: a layer must not keep the whole batch's storage alive (nor share it on save)
+                results.append(entry(target, layer, spectra[i], new_rank, zero,
+                                     new_ups[i, :, :new_rank].to(device="cpu", copy=True),
+                                     new_downs[i, :new_rank].to(device="cpu", copy=True)))
+        return results
+
+    done: dict[str, tuple[LoraLayer, LayerResize]] = {}
+    todo: list[tuple[str, LoraLayer, int | None]] = []
+    for target, layer in adapter.layers.items():
+        cap = conv_cap if is_spatial_conv(layer) else rank
+        if method == "fixed" and not kohya_compat and cap >= layer.rank:
+            # nothing to truncate: keep the tensors untouched, skip the SVD
+            done[target] = (layer, LayerResize(
+                target=target, kind=layer.kind, kernel=_kernel(layer), old_rank=layer.rank,
+                new_rank=layer.rank, kept=True, zero=False, fro_retained=1.0, energy_retained=1.0,
+                sum_retained=1.0, max_dropped_ratio=0.0, old_alpha=layer.alpha, new_alpha=layer.alpha))
+        else:
+            todo.append((target, layer, cap))
+    if progress and done:
+        progress(len(done))
+
+    if batch_size == 1:
+        results = map_layers(one, todo, device=device, workers=workers, name="lorahub-resize")
+    else:
+        workers_count = default_workers(device) if workers is None else max(1, workers)
+        batches = [[todo[i] for i in indices] for indices in plan_batches(
+            [(layer.out_features, layer.in_features, layer.rank, layer.A.dtype, layer.B.dtype, cap)
+             for _, layer, cap in todo],
+            [(layer.out_features + layer.in_features) * layer.rank * compute_dtype.itemsize
+             for _, layer, _ in todo],
+            device=device, max_layers=batch_size, workers=workers_count)]
+        if on_cpu:
+            results = map_layers(lambda batch: compute(batch, *load(batch)), batches, device=device,
+                                 workers=workers, name="lorahub-resize")
+        else:
+            results = prefetched(load, compute, batches, device=device)
+    for batch_results in results:
+        for new_layer, layer_entry in batch_results:
+            done[layer_entry.target] = (new_layer, layer_entry)
+        if progress:
+            progress(len(batch_results))
 
     new_layers: dict[str, LoraLayer] = {}
-    for new_layer, entry in map_layers(one, list(adapter.layers.items()), device=device, workers=workers,
-                                             name="lorahub-resize"):
-        new_layers[entry.target] = new_layer
-        report.layers.append(entry)
-        if progress:
-            progress(1)
+    for target in adapter.layers:
+        new_layer, layer_entry = done[target]
+        new_layers[target] = new_layer
+        report.layers.append(layer_entry)
     report.seconds = time.perf_counter() - start
     out = Adapter(path=adapter.path, format=adapter.format, layers=new_layers,
                   full_tensors=dict(adapter.full_tensors), base_model=adapter.base_model,
@@ -257,11 +341,21 @@ def layer_spectra(adapter: Adapter, *, device: torch.device | str | None = None,
 
     Length min(r, n, k) per layer (the rest of the spectrum is exactly zero). For DoRA layers this is
     the spectrum of s·B·A only (the magnitude rescaling is not included). LyCORIS modules are skipped
-    (they are not in `adapter.layers`).
+    (they are not in `adapter.layers`). Layers of one shape are decomposed together.
     """
-    out: dict[str, torch.Tensor] = {}
-    for target, layer in adapter.layers.items():
-        up, down = layer.factors(device=device, dtype=compute_dtype)
-        S = _FactoredSVD(up, down, compute_dtype, device).S
-        out[target] = (S * abs(layer.scale)).to(device="cpu", dtype=torch.float32)
-    return out
+    items = list(adapter.layers.items())
+    spectra: dict[str, torch.Tensor] = {}
+    for indices in plan_batches([(layer.out_features, layer.in_features, layer.rank, layer.A.dtype, layer.B.dtype)
+                                 for _, layer in items],
+                                [(layer.out_features + layer.in_features) * layer.rank * compute_dtype.itemsize
+                                 for _, layer in items], device=device):
+        layers = [items[i][1] for i in indices]
+        n, k, r = layers[0].out_features, layers[0].in_features, layers[0].rank
+        ups = stack_factors([layer.B for layer in layers], (n, r), device=device, dtype=compute_dtype)
+        downs = stack_factors([layer.A for layer in layers], (r, k), device=device, dtype=compute_dtype)
+        S = BatchedFactoredSVD(ups, downs, compute_dtype=compute_dtype, device=device,
+                               names=[items[i][0] for i in indices]).S.cpu()
+        for row, i in enumerate(indices):
+            target, layer = items[i]
+            spectra[target] = (S[row] * abs(layer.scale)).to(dtype=torch.float32)
+    return {target: spectra[target] for target, _ in items}

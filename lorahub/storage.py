@@ -3,14 +3,19 @@
 Outputs (where and how lorahub may write) are `lorahub.output`'s."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
 import struct
 import sys
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import LorahubError
 
@@ -19,7 +24,7 @@ MAX_HEADER_BYTES = 100_000_000
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorInfo:
     name: str
     dtype: str
@@ -45,8 +50,27 @@ class SafetensorsHeader:
         return self.data_start + info.begin, self.data_start + info.end
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (for phases that build many objects and no cycles): a header
+    of 300,000 entries allocates millions of objects, and the collections they trigger traverse all of
+    them (1.2 s of a 2.1 s parse). Reference counting still frees everything as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def parse_header_bytes(raw: bytes, path: Path | str, file_size: int | None) -> SafetensorsHeader:
     """Parse the JSON header (the bytes after the 8-byte length) and check it against the file size."""
+    with gc_paused():
+        return _parse_header_json(raw, path, file_size)
+
+
+def _parse_header_json(raw: bytes, path: Path | str, file_size: int | None) -> SafetensorsHeader:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -61,7 +85,7 @@ def parse_header_bytes(raw: bytes, path: Path | str, file_size: int | None) -> S
     for name, entry in header.items():
         try:
             begin, end = entry["data_offsets"]
-            info = TensorInfo(name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), int(begin), int(end))
+            info = TensorInfo(name, str(entry["dtype"]), tuple(map(int, entry["shape"])), int(begin), int(end))
         except (KeyError, TypeError, ValueError):
             raise LorahubError("corrupt safetensors header entry", path=path, key=name) from None
         if info.end < info.begin:
@@ -80,25 +104,214 @@ def read_header(path: Path | str, *, check_size: bool = True) -> SafetensorsHead
 
     `check_size=False` accepts a file whose data section is shorter than the header says (a header-only
     skeleton of a base model, or an interrupted download): the header is all a shape check needs.
+    Each call reads and parses the header again; `cached_header(path)` parses it once per file.
     """
     path = Path(path)
     try:
         file_size = path.stat().st_size
         with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise LorahubError("not a safetensors file (shorter than 8 bytes)", path=path)
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
-                raise LorahubError(
-                    f"not a safetensors file or corrupt header (header length {header_len} > file size {file_size})",
-                    path=path)
+            header_len = _header_length(handle.read(8), file_size, path)
             raw = handle.read(header_len)
     except OSError as exc:
         raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+    return _parse_raw_header(raw, path, file_size if check_size else None)
+
+
+def _header_length(head: bytes, file_size: int, path: Path) -> int:
+    if len(head) < 8:
+        raise LorahubError("not a safetensors file (shorter than 8 bytes)", path=path)
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
+        raise LorahubError(
+            f"not a safetensors file or corrupt header (header length {header_len} > file size {file_size})",
+            path=path)
+    return header_len
+
+
+def _parse_raw_header(raw: bytes, path: Path, file_size: int | None) -> SafetensorsHeader:
     if raw[:1] != b"{":
         raise LorahubError("not a safetensors file (header does not start with '{')", path=path)
-    return parse_header_bytes(raw, path, file_size if check_size else None)
+    return parse_header_bytes(raw, path, file_size)
+
+
+def _open_fd(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+
+
+def _header_from_fd(fd: int, path: Path) -> SafetensorsHeader:
+    """`read_header` of an open descriptor (positioned reads: the descriptor has no shared offset)."""
+    try:
+        file_size = os.fstat(fd).st_size
+        header_len = _header_length(os.pread(fd, 8, 0), file_size, path)
+        raw = _pread_exact(fd, header_len, 8)
+    except OSError as exc:
+        raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+    return _parse_raw_header(raw, path, file_size)
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    """`length` bytes at `offset` (fewer only at the end of the file)."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        chunk = os.pread(fd, length - got, offset + got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# open safetensors files: one descriptor and one parsed header per file, shared by all readers
+#
+# `LazyTensor.load`, `TensorSource` and the hashes ask `open_safetensors(path)`; the header of a file
+# is parsed once however many tensors are read from it (a kohya file of 700 modules used to parse its
+# header 2100 times, a 94 MB header once per tensor). Reads are positioned (`os.preadv`), so threads
+# read side by side without a lock. The cache holds the `OPEN_FILES_MAX` most recently used files;
+# an entry is reopened when the path's (device, inode, size, mtime, ctime) change. A file leaves the
+# cache on eviction or `close_open_files()` and its descriptor closes as soon as no reader holds it
+# (readers keep a reference while they read); whatever is left closes at exit.
+
+OPEN_FILES_MAX = 64
+
+# safetensors dtype -> struct format for reading scalars without torch (BF16 is widened by hand)
+_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
+                   "U8": "<B", "BOOL": "<?", "BF16": "<H"}
+
+
+class SafetensorsFile:
+    """An open safetensors file: its parsed `header` and positioned reads of its tensors' bytes."""
+
+    __slots__ = ("path", "header", "identity", "_fd", "_finalizer", "__weakref__")
+
+    def __init__(self, path: Path, fd: int, header: SafetensorsHeader, identity: tuple) -> None:
+        self.path = path
+        self.header = header
+        self.identity = identity
+        self._fd = fd
+        # closes the descriptor when the last reference goes (eviction while a read is in flight is safe)
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.header.tensors[name]
+        except KeyError:
+            raise LorahubError("cannot read tensor: no tensor of this name in the file", path=self.path,
+                               key=name) from None
+
+    def read_into(self, name: str, buffer, info: TensorInfo | None = None) -> None:
+        """Fill `buffer` (a writable buffer of exactly the tensor's byte length) with its bytes
+        (`info`: the tensor's header entry, when the caller has it already)."""
+        info = info or self.info(name)
+        self.read_range(info.begin, info.end, buffer, key=name)
+
+    def read_range(self, begin: int, end: int, buffer, *, key: str | None = None) -> None:
+        """Fill `buffer` with the bytes [begin, end) of the data section (offsets as in the header;
+        several neighbouring tensors at once, for scans)."""
+        size = end - begin
+        view = memoryview(buffer)
+        if view.nbytes != size:
+            raise LorahubError(f"cannot read tensor: {size} bytes in the file, {view.nbytes} expected",
+                               path=self.path, key=key)
+        start = self.header.data_start + begin
+        try:
+            got = os.preadv(self._fd, [view], start)
+            if got < size:  # a short read: the rest, or the end of a truncated file
+                view = view.cast("B")
+                while got < size:
+                    count = os.preadv(self._fd, [view[got:]], start + got)
+                    if count == 0:
+                        raise LorahubError(f"cannot read tensor: truncated safetensors file (read {got} of "
+                                           f"{size} bytes)", path=self.path, key=key)
+                    got += count
+        except OSError as exc:
+            raise LorahubError(f"cannot read tensor: {exc.strerror}", path=self.path, key=key) from None
+
+    def read_bytes(self, name: str) -> bytes:
+        info = self.info(name)
+        buffer = bytearray(info.end - info.begin)
+        self.read_into(name, buffer)
+        return bytes(buffer)
+
+    def scalar(self, name: str) -> float | None:
+        """A one-element tensor's value, read without torch; None for dtypes struct cannot decode (FP8)."""
+        info = self.info(name)
+        fmt = _SCALAR_FORMATS.get(info.dtype)
+        if fmt is None or info.end - info.begin != struct.calcsize(fmt):
+            return None
+        (value,) = struct.unpack(fmt, self.read_bytes(name))
+        if info.dtype == "BF16":  # bf16 is the top half of an fp32
+            (value,) = struct.unpack("<f", struct.pack("<I", value << 16))
+        return float(value)
+
+    def close(self) -> None:
+        """Close now (only when no other thread reads this file; eviction never needs this)."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({str(self.path)!r}, {len(self.header.tensors)} tensors)"
+
+
+_open_files: OrderedDict[str, SafetensorsFile] = OrderedDict()
+_open_files_lock = threading.Lock()
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def open_safetensors(path: Path | str) -> SafetensorsFile:
+    """The cached open file at `path` (opened and its header parsed on first use; the file's size is
+    checked against the header: a truncated file is refused as by `read_header`)."""
+    key = os.fspath(path)  # no Path() here: this runs once per tensor read
+    if not os.path.isabs(key):
+        key = os.path.abspath(key)
+    try:
+        identity = _identity(os.stat(key))
+    except OSError as exc:
+        raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+    with _open_files_lock:
+        cached = _open_files.get(key)
+        if cached is not None and cached.identity == identity:
+            _open_files.move_to_end(key)
+            return cached
+        # opened and parsed under the lock: threads asking for the same file at once parse it once
+        path = Path(path)
+        fd = _open_fd(path)
+        try:
+            header = _header_from_fd(fd, path)
+            identity = _identity(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        opened = SafetensorsFile(path, fd, header, identity)
+        _open_files[key] = opened
+        _open_files.move_to_end(key)
+        while len(_open_files) > OPEN_FILES_MAX:
+            _open_files.popitem(last=False)
+        return opened
+
+
+def cached_header(path: Path | str) -> SafetensorsHeader:
+    """`read_header(path)`, parsed once per file version (see `open_safetensors`)."""
+    return open_safetensors(path).header
+
+
+def close_open_files() -> None:
+    """Forget every cached file; each closes once no reader holds it."""
+    with _open_files_lock:
+        _open_files.clear()
 
 
 def is_pickle_path(path: Path) -> bool:
@@ -155,7 +368,7 @@ def file_hashes(path: Path | str) -> dict[str, str]:
     whole = file_sha256(path)
     hashes = {"sha256": whole, "autov2": whole[:10].upper()}
     if path.suffix == ".safetensors":
-        header = read_header(path)
+        header = cached_header(path)
         data_hash = _sha256_range(path, header.data_start)
         hashes["sshs_model_hash"] = data_hash
         hashes["autov3"] = data_hash[:12].upper()

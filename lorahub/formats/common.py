@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from ..adapter import Adapter, LazyTensor, LoraLayer
 from ..errors import LorahubError
 from ..kinds import CONV, factor_kind
-from ..storage import SafetensorsHeader, is_pickle_path, load_pickle_state_dict, read_header
+from ..storage import SafetensorsHeader, is_pickle_path, load_pickle_state_dict, open_safetensors
 
 # substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights
 ADAPTER_KEY_MARKERS = (".lora_A", ".lora_B", "lora_down", "lora_up", "lora_embedding_", ".alpha",
@@ -21,7 +22,11 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "trans
 
 
 class TensorSource:
-    """The tensors of one weights file, lazily: names, shapes and dtypes from the header only."""
+    """The tensors of one weights file, lazily: names, shapes and dtypes from the header only.
+
+    A safetensors file's header comes from its one cached handle (`storage.open_safetensors`), so the
+    `LazyTensor`s handed out read through the same parsed header; scalars (`.alpha`) are read there too,
+    a few bytes each, without building tensors."""
 
     def __init__(self, path: Path, *, allow_pickle: bool = False):
         self.path = Path(path)
@@ -32,7 +37,8 @@ class TensorSource:
                             if isinstance(v, torch.Tensor)}
             self.metadata: dict[str, str] = {}
         else:
-            self.header = read_header(self.path)
+            self._file = open_safetensors(self.path)  # held while reading: no lookup per scalar
+            self.header = self._file.header
             self.metadata = dict(self.header.metadata)
 
     def keys(self) -> list[str]:
@@ -52,10 +58,13 @@ class TensorSource:
         return LazyTensor(path=self.path, key=key, shape=info.shape, dtype=info.dtype)
 
     def scalar(self, key: str) -> float:
-        value = self.lazy(key).load()
-        if value.numel() != 1:
-            raise LorahubError(f"expected a scalar, found shape {list(value.shape)}", path=self.path, key=key)
-        return float(value.reshape(()).to(torch.float64))
+        shape = self.shape(key)
+        if math.prod(shape) != 1:
+            raise LorahubError(f"expected a scalar, found shape {list(shape)}", path=self.path, key=key)
+        value = None if self._memory is not None else self._file.scalar(key)
+        if value is None:  # in memory, or a dtype struct cannot decode (FP8)
+            value = float(self.lazy(key).load().reshape(()).to(torch.float64))
+        return value
 
 
 def layer_kind(down_shape: tuple[int, ...], embedding: bool = False) -> str:
