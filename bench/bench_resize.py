@@ -5,8 +5,11 @@ linear projections per block (224 layers), rank 64, random factors with a decayi
 σᵢ = e^(−i/8) (never zeros: zeros take fast paths). Factors start on the CPU, as after reading a file.
 
 Timed, in one run:
-  1. lorahub, in memory: `resize_adapter(adapter, rank=R)` over all 224 layers (warm-up run first,
-     then the median of --repeats runs).
+  1. lorahub, in memory: `resize_adapter(adapter, rank=R)` over all 224 layers, same-shape layers
+     batched (warm-up on 7 layers first, then the median of --repeats runs; the first run is printed
+     too), and the baseline in the same run: `batch_size=1`, one layer at a time (the path before
+     batching), median of --per-layer-repeats runs. On CUDA every timing is bracketed by
+     torch.cuda.synchronize().
   2. lorahub, end to end: read the PEFT adapter from disk, resize, write it (median of --repeats;
      page cache warm after the first write).
   3. The dense method kohya uses per layer: W = up @ down, torch.linalg.svd(W, full_matrices=True)
@@ -19,6 +22,8 @@ rank-R reconstruction error of lorahub's factors against the Eckart–Young opti
 
     python bench/bench_resize.py                      # CPU
     python bench/bench_resize.py --device cuda         # GPU (H200: also times the dense method on GPU)
+    python bench/bench_resize.py --device cuda --dense-samples 0 --no-io   # GPU, in-memory resize only
+    python bench/bench_resize.py --tiny --device cpu   # smoke test
     python bench/bench_resize.py --dense-samples 0     # lorahub only
 """
 from __future__ import annotations
@@ -60,7 +65,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-all", action="store_true", help="time the dense method on all 224 layers")
     ap.add_argument("--no-io", action="store_true", help="skip the end-to-end (read, resize, write) timing")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="layers per batched SVD (default: lowrank.plan_batches' sizes; 1 = one at a time)")
+    ap.add_argument("--per-layer-repeats", type=int, default=3,
+                    help="runs of the one-layer-at-a-time baseline (0 = skip)")
+    ap.add_argument("--tiny", action="store_true", help="smoke test: hidden 512, 2 blocks (times nothing useful)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,19 +94,34 @@ def main(argv=None) -> int:
           f"(generated in {time.perf_counter() - t0:.1f} s, not timed); target rank {args.new_rank}; "
           f"SVDs in fp32 on {device}")
 
-    # -- lorahub, in memory
+    # -- lorahub, in memory: batched (the default) and, as the baseline, one layer at a time
     small = Adapter(path=None, format="peft", layers=dict(list(adapter.layers.items())[:7]))
-    resize_adapter(small, rank=args.new_rank, device=device)  # warm-up (threads, CUDA context, cuSOLVER)
+    for batch_size in (args.batch_size, 1):  # warm-up (threads, CUDA context, cuSOLVER/cuBLAS, both paths)
+        resize_adapter(small, rank=args.new_rank, device=device, batch_size=batch_size)
     times = []
     for _ in range(max(1, args.repeats)):
-        dt, (resized, report) = timed(lambda: resize_adapter(adapter, rank=args.new_rank, device=device), device)
+        dt, (resized, report) = timed(lambda: resize_adapter(adapter, rank=args.new_rank, device=device,
+                                                             batch_size=args.batch_size), device)
         times.append(dt)
     lh = statistics.median(times)
-    print(f"\nlorahub resize (in memory, {n_layers} layers): median {fmt_s(lh)} "
-          f"(min {fmt_s(min(times))}, max {fmt_s(max(times))}, {len(times)} runs); "
+    print(f"\nlorahub resize (in memory, {n_layers} layers, same-shape layers batched): median {fmt_s(lh)} "
+          f"(first {fmt_s(times[0])}, min {fmt_s(min(times))}, max {fmt_s(max(times))}, {len(times)} runs); "
           f"{lh / n_layers * 1e3:.2f} ms/layer")
     summary = report.summary()
     print(f"  mean energy retained {summary['mean_energy_retained']:.4f}, worst {summary['worst_energy_retained']:.4f}")
+    if args.per_layer_repeats > 0:
+        per_layer = []
+        for _ in range(args.per_layer_repeats):
+            dt, (single, _) = timed(lambda: resize_adapter(adapter, rank=args.new_rank, device=device, batch_size=1),
+                                    device)
+            per_layer.append(dt)
+        pl = statistics.median(per_layer)
+        worst = max(float((single.layers[t].delta_math() - resized.layers[t].delta_math()).abs().max()
+                          / layer.delta_math().abs().max()) for t, layer in list(single.layers.items())[::16])
+        print(f"baseline, one layer at a time (batch_size=1): median {fmt_s(pl)} (min {fmt_s(min(per_layer))}, "
+              f"max {fmt_s(max(per_layer))}, {len(per_layer)} runs); {pl / n_layers * 1e3:.2f} ms/layer; "
+              f"RATIO per-layer / batched {pl / lh:.2f}×; max |ΔW difference| / max |ΔW| on every 16th layer "
+              f"{worst:.1e}")
 
     # -- lorahub, end to end with files
     if not args.no_io:
@@ -111,7 +135,7 @@ def main(argv=None) -> int:
             for i in range(max(1, min(args.repeats, 3))):
                 def run():
                     loaded = load_adapter(src)
-                    out, _ = resize_adapter(loaded, rank=args.new_rank, device=device)
+                    out, _ = resize_adapter(loaded, rank=args.new_rank, device=device, batch_size=args.batch_size)
                     return save_adapter(out, Path(tmp) / f"out{i}", format="peft")
                 dt, dst = timed(run, device)
                 e2e.append(dt)

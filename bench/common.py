@@ -165,7 +165,7 @@ def make_kohya_sdxl_adapter(rank: int, modules: int = 700, *, alpha: float | Non
     in `make_adapter` (decaying spectrum σᵢ = e^(−i/8), random per-layer scale); alpha defaults to
     rank/2, as many kohya configs.
     """
-    from lorahub.formats.common import kohya_to_target
+    from lorahub.formats.kohya_names import kohya_to_target
 
     every = sdxl_kohya_modules()
     count = min(modules, len(every))

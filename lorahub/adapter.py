@@ -94,7 +94,7 @@ class LazyTensor(TensorSize):
         from .storage import open_safetensors
 
         file = open_safetensors(self.path)  # a missing, corrupt or truncated file: its own error, naming it
-        info = file.info(self.key)
+        info = file.info(str(self.key))
         dtype = ST_DTYPES.get(info.dtype)
         if dtype is None:
             raise LorahubError(f"cannot read tensor: unsupported dtype {info.dtype}", path=self.path, key=self.key)
@@ -105,8 +105,25 @@ class LazyTensor(TensorSize):
         if nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         raw = torch.empty(nbytes, dtype=torch.uint8)
-        file.read_into(self.key, raw.numpy(), info)  # straight into the tensor's memory: one copy
+        file.read_into(str(self.key), raw.numpy(), info)  # straight into the tensor's memory: one copy
         return raw.view(dtype).reshape(info.shape)
+
+    def load_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Read this tensor into `out` (same number of elements, any shape) and return `out`. A
+        file-backed tensor whose stored dtype is `out`'s goes straight from the file into `out`'s
+        memory (a contiguous CPU tensor, e.g. a slot of a batch or a pinned staging buffer); otherwise
+        it is loaded and copied (converting the dtype)."""
+        if (self._value is None and self.path is not None and self.key is not None and out.device.type == "cpu"
+                and out.is_contiguous() and ST_DTYPES.get(self.dtype) == out.dtype and out.numel() == self.numel
+                and out.numel() > 0):
+            from .storage import open_safetensors
+
+            file = open_safetensors(self.path)
+            info = file.info(self.key)
+            if info.dtype == self.dtype and tuple(info.shape) == tuple(self.shape):  # else: changed on disk
+                file.read_into(self.key, out.reshape(-1).view(torch.uint8).numpy(), info)
+                return out
+        return out.copy_(self.load().reshape(out.shape))
 
     def float(self, device: torch.device | str | None = None) -> torch.Tensor:
         return self.load().to(device=device, dtype=torch.float32)

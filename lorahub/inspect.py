@@ -70,9 +70,11 @@ def scan_nonfinite(adapter: Adapter) -> list[dict[str, Any]]:
         file = open_safetensors(path)
         spans = []  # (begin, end, dtype, index) of the float tensors this scan reads from the file
         for index in indices:
-            info = file.header.tensors.get(tensors[index].key)
+            key = tensors[index].key
+            info = file.header.tensors.get(key) if key is not None else None
             dtype = ST_DTYPES.get(info.dtype) if info is not None else None
-            if dtype is None or info.end - info.begin != math.prod(info.shape) * ST_ITEMSIZE[info.dtype]:
+            if (info is None or dtype is None
+                    or info.end - info.begin != math.prod(info.shape) * ST_ITEMSIZE[info.dtype]):
                 check(index, tensors[index].load())  # missing, odd or corrupt: the loader says what is wrong
             elif dtype.is_floating_point and info.end > info.begin:
                 spans.append((info.begin, info.end, dtype, index))

@@ -13,6 +13,12 @@ fine: QR then has zero (or tiny) diagonal entries in R and the small SVD returns
 singular values. Weighted sums Σ cᵢ·Bᵢ·Aᵢ reduce to one product by stacking the factors
 (`stack_terms`), so the same route gives their exact SVD (`factored_svd_sum`).
 
+Products of one shape are decomposed side by side by `BatchedFactoredSVD` (`factored_svd_batched`,
+`factored_svd_sum_batched`): one batched call per step. On a GPU its QRs are CholeskyQR2 in float64
+(batched matrix products; cuSOLVER's Householder QR runs one matrix at a time, ~0.4 ms each on an
+H200), falling back to Householder QR for factors that are rank-deficient or too ill-conditioned for
+it; singular values agree with `factored_svd` to float32 precision (and are closer to float64's).
+
 Rank rules (`choose_rank`), exact and minimal, for a descending spectrum S with S[0] > 0:
 
 | method          | param p  | rank                                                   |
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterator, Sequence, TypeVar
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -48,18 +54,13 @@ __all__ = [
     "factored_svd_batched",
     "factored_svd_sum_batched",
     "split_factors_batched",
-    "plan_batches",
-    "stack_factors",
-    "prefetched",
     "choose_rank",
     "split_factors",
     "retention",
+    "retention_batched",
     "effective_rank",
     "METHODS",
 ]
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -216,7 +217,8 @@ def _parallel_svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     with torch_threads(1), ThreadPoolExecutor(max_workers=count, thread_name_prefix="lorahub-svd") as pool:
         parts = list(pool.map(lambda i: torch.linalg.svd(core[bounds[i]:bounds[i + 1]], full_matrices=False),
                               range(count)))
-    return tuple(torch.cat([part[j] for part in parts]) for j in range(3))
+    U, S, Vh = (torch.cat([part[j] for part in parts]) for j in range(3))
+    return U, S, Vh
 
 
 class _Basis:
@@ -232,10 +234,11 @@ class _Basis:
 
     def __init__(self, X: Tensor, method: str) -> None:
         self.method, self.rows = method, X.shape[1]
+        self.pairs: list[tuple[Tensor, Tensor]] | tuple[Tensor, Tensor]
         if method == "householder":
             r = X.shape[2]
             if X.device.type == "cpu":  # matrix by matrix; kept apart (stacking them costs a copy)
-                self.pairs = [torch.geqrf(x) for x in X]
+                self.pairs = [(a, tau) for a, tau in (torch.geqrf(x) for x in X)]
                 self.R = torch.stack([torch.triu(a[:r]) for a, _ in self.pairs])
             else:
                 a, tau = torch.geqrf(X)
@@ -350,7 +353,7 @@ class BatchedFactoredSVD:
         keeps = [keep] * self.b if keep is None or isinstance(keep, int) else [int(x) for x in keep]
         if len(keeps) != self.b:
             raise ValueError(f"{len(keeps)} keep values for {self.b} products")
-        widest = None if any(x is None for x in keeps) else max(keeps, default=0)
+        widest = None if any(x is None for x in keeps) else max((x for x in keeps if x is not None), default=0)
         U, Vh = self.expand(widest)
         out = []
         for i, m in enumerate(keeps):
@@ -399,91 +402,6 @@ def split_factors_batched(U: Tensor, S: Tensor, Vh: Tensor, mode: str = "balance
     if mode == "down":
         return U.clone(), S[:, :, None] * Vh
     raise ValueError(f"unknown split mode {mode!r} (balanced|up|down)")
-
-
-# ---------------------------------------------------------------------------------------------
-# batching layers: which layers go together, getting their factors onto the device, overlapping
-
-# per batch: layers and bytes of factors in the compute dtype. On a GPU a batch is a chain of ~30
-# batched kernels whatever its size, so batches are large (but small enough that the next one's
-# copy to the device overlaps the current one's work); on the CPU the LAPACK calls run matrix by
-# matrix anyway (one geqrf over a batch measured 1.6× slower than a loop: cache), so batches only
-# share the bookkeeping and are kept small, several per group, for the worker threads.
-GPU_BATCH_LAYERS, GPU_BATCH_BYTES = 64, 256 << 20
-CPU_BATCH_LAYERS, CPU_BATCH_BYTES = 16, 64 << 20
-
-
-def plan_batches(keys: Sequence[Hashable], nbytes: Sequence[int], *, device: torch.device | str | None = None,
-                 max_layers: int | None = None, max_bytes: int | None = None, workers: int = 1) -> list[list[int]]:
-    """Indices of items grouped by `keys` (items that can be stacked: same shapes and dtypes), each
-    group cut into near-equal batches of at most `max_layers` items and `max_bytes` (`nbytes` each),
-    and on the CPU into at least `workers` batches where the group allows. Groups in first-seen order."""
-    on_gpu = device is not None and torch.device(device).type != "cpu"
-    max_layers = max_layers or (GPU_BATCH_LAYERS if on_gpu else CPU_BATCH_LAYERS)
-    max_bytes = max_bytes or (GPU_BATCH_BYTES if on_gpu else CPU_BATCH_BYTES)
-    groups: dict[Hashable, list[int]] = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(key, []).append(index)
-    batches: list[list[int]] = []
-    for indices in groups.values():
-        per_item = max(1, max(nbytes[i] for i in indices))
-        size = max(1, min(max_layers, max_bytes // per_item))
-        count = -(-len(indices) // size)
-        if not on_gpu:
-            count = max(count, min(workers, len(indices)))
-        bounds = [(len(indices) * j) // count for j in range(count + 1)]
-        batches += [indices[bounds[j]:bounds[j + 1]] for j in range(count)]
-    return batches
-
-
-def stack_factors(tensors: Sequence, shape: tuple[int, ...], *, device: torch.device | str | None = None,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
-    """b tensors (or `LazyTensor`s: anything with `.load()`) reshaped to `shape`, stacked into one
-    (b, *shape) tensor of `dtype` on `device`. To a GPU the stored bytes travel (bf16 stays half the
-    size) and are converted there."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    values = (t.load() if hasattr(t, "load") else t for t in tensors)
-    first = next(values)
-    stage_dtype = dtype if dev.type == "cpu" else first.dtype
-    out = torch.empty((len(tensors), *shape), dtype=stage_dtype, device=dev)
-    out[0].copy_(first.reshape(shape), non_blocking=True)
-    for i, value in enumerate(values, start=1):
-        out[i].copy_(value.reshape(shape), non_blocking=True)
-    return out.to(dtype)
-
-
-def prefetched(load: Callable[[T], tuple], compute: Callable[..., R], batches: Sequence[T], *,
-               device: torch.device | str | None = None) -> Iterator[R]:
-    """`compute(batch, *load(batch))` for each batch in order, the next batch's `load` running in a
-    background thread (on a GPU on its own CUDA stream) while the current batch computes."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    cuda = dev.type == "cuda"
-
-    def load_ready(batch: T) -> tuple:
-        if not cuda:
-            return load(batch)
-        stream = torch.cuda.Stream(dev)
-        with torch.cuda.stream(stream):
-            loaded = load(batch)
-        stream.synchronize()
-        return loaded
-
-    if not batches:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahub-load") as pool:
-        pending = pool.submit(load_ready, batches[0])
-        for index, batch in enumerate(batches):
-            loaded = pending.result()
-            if index + 1 < len(batches):
-                pending = pool.submit(load_ready, batches[index + 1])
-            if cuda:  # allocated on the loader's stream: keep the memory until this stream is done with it
-                current = torch.cuda.current_stream(dev)
-                for tensor in loaded:
-                    if isinstance(tensor, Tensor) and tensor.is_cuda:
-                        tensor.record_stream(current)
-            yield compute(batch, *loaded)
 
 
 def stack_terms(terms: list[tuple[float, Tensor, Tensor]], *,
@@ -579,7 +497,9 @@ def choose_rank(S: Tensor, *, rank: int | None = None, method: str = "fixed",
     if length == 0 or float(S64[0]) <= 0.0:
         return 0
     if method == "fixed":
+        assert rank is not None  # checked above
         return min(int(rank), length)
+    assert param is not None  # checked above
     nonzero = int((S64 > 0).sum())
     if method == "sv_ratio":
         k = int((S64 > S64[0] / param).sum())
@@ -605,16 +525,19 @@ def _choose_rank_kohya(S: Tensor, *, rank: int | None, method: str, param: float
         return max(1, min(index, length - 1))
 
     if method == "fixed":
+        assert rank is not None  # choose_rank checked it
         new_rank = int(rank)
-    elif method == "sv_ratio":
-        new_rank = clamp(int((S > S[0] / param).sum())) + 1
-    elif method == "sv_fro":
-        sq = S.pow(2)
-        curve = torch.cumsum(sq, 0) / float(sq.sum())
-        new_rank = clamp(int(torch.searchsorted(curve, torch.tensor(param ** 2, dtype=S.dtype))) + 1) + 1
     else:
-        curve = torch.cumsum(S, 0) / float(S.sum())
-        new_rank = clamp(int(torch.searchsorted(curve, torch.tensor(param, dtype=S.dtype))) + 1) + 1
+        assert param is not None  # choose_rank checked it
+        if method == "sv_ratio":
+            new_rank = clamp(int((S > S[0] / param).sum())) + 1
+        elif method == "sv_fro":
+            sq = S.pow(2)
+            curve = torch.cumsum(sq, 0) / float(sq.sum())
+            new_rank = clamp(int(torch.searchsorted(curve, torch.tensor(param ** 2, dtype=S.dtype))) + 1) + 1
+        else:
+            curve = torch.cumsum(S, 0) / float(S.sum())
+            new_rank = clamp(int(torch.searchsorted(curve, torch.tensor(param, dtype=S.dtype))) + 1) + 1
     if float(S[0]) <= _KOHYA_MIN_SV:
         new_rank = 1
     elif rank is not None and new_rank > rank:
@@ -661,6 +584,36 @@ def retention(S: Tensor, rank: int) -> dict:
         "sum_retained": float(S64[:r].sum()) / total,
         "max_dropped_ratio": dropped,
     }
+
+
+def retention_batched(S: Tensor, ranks: Sequence[int]) -> list[dict]:
+    """`[retention(S[i], ranks[i]) for i in range(b)]` for spectra S (b, q), computed at once (the
+    same formulas; sums may differ from the per-row ones in the last bit)."""
+    S64 = S.detach().to(device="cpu", dtype=torch.float64).reshape(S.shape[0], -1)
+    if not bool(torch.isfinite(S64).all()):
+        raise LorahubError("singular values contain NaN or Inf (the layer's factors are not finite)")
+    b, q = S64.shape
+    if q == 0:
+        return [retention(S64[i], ranks[i]) for i in range(b)]
+    first = S64[:, :1]
+    S64 = torch.where(first > 0, S64 / torch.where(first > 0, first, torch.ones_like(first)), S64)
+    r = torch.tensor([max(0, min(int(rank), q)) for rank in ranks], dtype=torch.long)
+    kept = torch.arange(q)[None, :] < r[:, None]
+    sq = S64 * S64
+    total_sq, total = sq.sum(dim=1), S64.sum(dim=1)
+    kept_sq, kept_sum = (sq * kept).sum(dim=1), (S64 * kept).sum(dim=1)
+    next_value = S64.gather(1, r.clamp(max=q - 1)[:, None])[:, 0]  # S[r]: the largest dropped value
+    dropped = torch.where(r < q, next_value / S64[:, 0], torch.zeros(b, dtype=torch.float64))
+    out = []
+    for total_sq_i, total_i, kept_sq_i, kept_sum_i, dropped_i in zip(
+            total_sq.tolist(), total.tolist(), kept_sq.tolist(), kept_sum.tolist(), dropped.tolist()):
+        if total_sq_i <= 0.0:
+            out.append({"fro_retained": 1.0, "energy_retained": 1.0, "sum_retained": 1.0, "max_dropped_ratio": 0.0})
+            continue
+        energy = kept_sq_i / total_sq_i
+        out.append({"fro_retained": math.sqrt(energy), "energy_retained": energy,
+                    "sum_retained": kept_sum_i / total_i, "max_dropped_ratio": dropped_i})
+    return out
 
 
 def effective_rank(S: Tensor, energy: float = 0.99) -> int:

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from .adapter import ST_DTYPES, Adapter, LoraLayer
+from .batches import plan_batches, prefetched, stack_factors, to_cpu
 from .devices import default_workers, map_layers
 from .errors import LorahubError, UnsupportedError
 from .formats import all_formats
@@ -41,12 +42,10 @@ from .lowrank import (
     BatchedFactoredSVD,
     _FactoredSVD,
     choose_rank,
-    plan_batches,
-    prefetched,
     retention,
+    retention_batched,
     split_factors,
     split_factors_batched,
-    stack_factors,
 )
 
 SPLITS = ("balanced", "up")
@@ -204,33 +203,31 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
     start = time.perf_counter()
     on_cpu = device is None or torch.device(device).type == "cpu"
 
-    def outcome(target: str, layer: LoraLayer, S: torch.Tensor, cap: int | None) -> tuple[int | None, bool]:
-        """(new rank, or None to keep the layer; whether its delta is zero) from its spectrum S."""
+    def decide(layer: LoraLayer, chosen: int, zero: bool) -> int | None:
+        """The new rank, or None to keep the layer as it is."""
+        if chosen >= layer.rank and not zero:
+            return None
+        # chosen ≤ q = min(r, n, k) (choose_rank never exceeds len(S)), so no zero-padding
+        return max(1, chosen)
+
+    def chosen_rank(layer: LoraLayer, S: torch.Tensor, cap: int | None) -> int:
         if kohya_compat:
             # kohya clamps against the full spectrum of the dense matrix, length min(n, k)
             full = min(layer.out_features, layer.in_features)
-            S_rule = torch.cat([S.cpu(), S.new_zeros(full - S.shape[0], device="cpu")])
-        else:
-            S_rule = S
-        chosen = choose_rank(S_rule, rank=cap, method=method, param=param, kohya_compat=kohya_compat)
-        zero = not bool((S > 0).any())
-        if chosen >= layer.rank and not zero:
-            return None, zero
-        # chosen ≤ q = min(r, n, k) (choose_rank never exceeds len(S)), so no zero-padding
-        return max(1, chosen), zero
+            S = torch.cat([S.cpu(), S.new_zeros(full - S.shape[0], device="cpu")])
+        return choose_rank(S, rank=cap, method=method, param=param, kohya_compat=kohya_compat)
 
-    def entry(target: str, layer: LoraLayer, S: torch.Tensor, new_rank: int | None, zero: bool,
+    def entry(target: str, layer: LoraLayer, new_rank: int | None, zero: bool, stats: dict,
               up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> tuple[LoraLayer, LayerResize]:
         """The resized layer (from its new factors, already on the CPU in the stored dtype) and its report."""
-        if new_rank is None:
+        if new_rank is None or up is None or down is None:
             new_layer, new_alpha, kept_rank = layer, layer.alpha, layer.rank
         else:
             new_alpha, kept_rank = _new_alpha(layer, new_rank), new_rank
             new_layer = layer.with_factors(up, down, alpha=new_alpha)
         return new_layer, LayerResize(
             target=target, kind=layer.kind, kernel=_kernel(layer), old_rank=layer.rank, new_rank=kept_rank,
-            kept=new_rank is None, zero=zero, old_alpha=layer.alpha, new_alpha=new_alpha,
-            **retention(S, kept_rank))
+            kept=new_rank is None, zero=zero, old_alpha=layer.alpha, new_alpha=new_alpha, **stats)
 
     def one(item: tuple[str, LoraLayer, int | None]) -> list[tuple[LoraLayer, LayerResize]]:
         """One layer on its own (batch_size=1): `factored_svd`'s code path."""
@@ -238,12 +235,13 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
         up, down = layer.factors(device=device, dtype=compute_dtype)
         decomposition = _FactoredSVD(up, down, compute_dtype, device)  # S now, vectors on demand
         S = decomposition.S
-        new_rank, zero = outcome(target, layer, S, cap)
+        zero = not bool((S > 0).any())
+        new_rank = decide(layer, chosen_rank(layer, S, cap), zero)
         if new_rank is None:
-            return [entry(target, layer, S, None, zero)]
+            return [entry(target, layer, None, zero, retention(S, layer.rank))]
         new_up, new_down = split_factors(decomposition.svd(keep=new_rank), new_rank, split)
         dtype = _stored_dtype(layer, out_dtype)
-        return [entry(target, layer, S, new_rank, zero, new_up.to(device="cpu", dtype=dtype),
+        return [entry(target, layer, new_rank, zero, retention(S, new_rank), new_up.to(device="cpu", dtype=dtype),
                       new_down.to(device="cpu", dtype=dtype))]
 
     def load(batch: list[tuple[str, LoraLayer, int | None]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,28 +255,38 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
         decomposition = BatchedFactoredSVD(ups, downs, compute_dtype=compute_dtype, device=device,
                                            names=[target for target, _, _ in batch])
         spectra = decomposition.S.cpu()  # the rank rules run on the CPU: one copy for the batch
-        decisions = [outcome(target, layer, spectra[i], cap) for i, (target, layer, cap) in enumerate(batch)]
-        widest = max((new_rank for new_rank, _ in decisions if new_rank is not None), default=0)
-        if widest:
-            U, Vh = decomposition.expand(widest)
-            new_ups, new_downs = split_factors_batched(U, decomposition.S, Vh, split)
-            dtype = _stored_dtype(batch[0][1], out_dtype)  # one per batch: the stored dtypes are in its key
-            new_ups, new_downs = new_ups.to(dtype), new_downs.to(dtype)
+        q = spectra.shape[1]
+        zeros = (~(spectra > 0).any(dim=1)).tolist()
+        if method == "fixed" and not kohya_compat:  # choose_rank's fixed rule, for the whole batch at once
+            firsts = spectra[:, 0].tolist() if q else [0.0] * len(batch)
+            chosen = [min(int(cap or 0), q) if first > 0 else 0 for (_, _, cap), first in zip(batch, firsts)]
+        else:
+            chosen = [chosen_rank(layer, spectra[i], cap) for i, (_, layer, cap) in enumerate(batch)]
+        decisions = [decide(layer, c, zero) for (_, layer, _), c, zero in zip(batch, chosen, zeros)]
+        stats = retention_batched(spectra, [layer.rank if new_rank is None else new_rank
+                                            for (_, layer, _), new_rank in zip(batch, decisions)])
+        widest = max((new_rank for new_rank in decisions if new_rank is not None), default=0)
+        if not widest:
+            return [entry(target, layer, None, zero, stat)
+                    for (target, layer, _), zero, stat in zip(batch, zeros, stats)]
+        U, Vh = decomposition.expand(widest)
+        new_ups, new_downs = split_factors_batched(U, decomposition.S, Vh, split)
+        dtype = _stored_dtype(batch[0][1], out_dtype)  # one per batch: the stored dtypes are in its key
+        new_ups, new_downs = to_cpu(new_ups.to(dtype)), to_cpu(new_downs.to(dtype))
         results = []
-        for i, ((target, layer, _), (new_rank, zero)) in enumerate(zip(batch, decisions)):
+        for i, ((target, layer, _), new_rank, zero, stat) in enumerate(zip(batch, decisions, zeros, stats)):
             if new_rank is None:
-                results.append(entry(target, layer, spectra[i], None, zero))
-            else:  # copies: a layer must not keep the whole batch's storage alive (nor share it on save)
-                results.append(entry(target, layer, spectra[i], new_rank, zero,
-                                     new_ups[i, :, :new_rank].to(device="cpu", copy=True),
-                                     new_downs[i, :new_rank].to(device="cpu", copy=True)))
+                results.append(entry(target, layer, None, zero, stat))
+            else:  # views of the batch (non-overlapping: safetensors saves them as separate tensors)
+                results.append(entry(target, layer, new_rank, zero, stat, new_ups[i, :, :new_rank],
+                                     new_downs[i, :new_rank]))
         return results
 
     done: dict[str, tuple[LoraLayer, LayerResize]] = {}
     todo: list[tuple[str, LoraLayer, int | None]] = []
     for target, layer in adapter.layers.items():
         cap = conv_cap if is_spatial_conv(layer) else rank
-        if method == "fixed" and not kohya_compat and cap >= layer.rank:
+        if method == "fixed" and not kohya_compat and cap is not None and cap >= layer.rank:
             # nothing to truncate: keep the tensors untouched, skip the SVD
             done[target] = (layer, LayerResize(
                 target=target, kind=layer.kind, kernel=_kernel(layer), old_rank=layer.rank,

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lorahub import storage
 from lorahub.adapter import Adapter, LazyTensor, LoraLayer
+from lorahub.batches import plan_batches, stack_factors
 from lorahub.errors import LorahubError
 from lorahub.formats import load_adapter, save_adapter
 from lorahub.formats.common import TensorSource
@@ -32,10 +33,8 @@ from lorahub.lowrank import (
     factored_svd_batched,
     factored_svd_sum,
     factored_svd_sum_batched,
-    plan_batches,
     split_factors,
     split_factors_batched,
-    stack_factors,
 )
 from lorahub.resize import layer_spectra, resize_adapter
 
@@ -461,3 +460,82 @@ def test_resize_names_the_layer_with_nan():
     adapter.layers["m6"].B = LazyTensor.of(torch.full(adapter.layers["m6"].B.shape, float("nan")))
     with pytest.raises(LorahubError, match="m6.*NaN or Inf"):
         resize_adapter(adapter, rank=2)
+
+
+# ---------------------------------------------------------------------------------- NaN scan
+
+def _adapter_from_file(tmp_path, tensors, name="scan.safetensors"):
+    path = tmp_path / name
+    save_file(tensors, str(path))
+    return load_adapter(path)
+
+
+def test_scan_finds_each_nonfinite_tensor_among_many(tmp_path):
+    from lorahub.inspect import scan_nonfinite
+
+    tensors = kohya_file(tmp_path / "a.safetensors", modules=300, dtype=torch.float16)
+    bad_down = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_17_attn1_to_q.lora_down.weight"
+    bad_up = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_250_attn1_to_q.lora_up.weight"
+    tensors[bad_down][0, 3] = float("nan")
+    tensors[bad_up][5, 0] = float("inf")
+    tensors[bad_up][6, 1] = float("-inf")
+    # a NaN alpha sits between the scanned factors: it may trigger the bulk test, never a report
+    tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_5_attn1_to_q.alpha"] = \
+        torch.tensor(float("nan"), dtype=torch.float16)
+    adapter = _adapter_from_file(tmp_path, tensors)
+    assert scan_nonfinite(adapter) == [{"key": bad_down, "nan": 1, "inf": 0}, {"key": bad_up, "nan": 0, "inf": 2}]
+
+
+def test_scan_of_mixed_dtypes_fp8_and_memory_tensors(tmp_path):
+    from lorahub.inspect import scan_nonfinite
+
+    adapter = _adapter_from_file(tmp_path, {
+        "m.lora_down.weight": torch.ones(2, 8), "m.lora_up.weight": torch.ones(8, 2).bfloat16(),
+        "n.lora_down.weight": torch.tensor([[1.0, float("nan")]]).to(torch.float8_e4m3fn),
+        "n.lora_up.weight": torch.ones(3, 1, dtype=torch.float64)})
+    assert scan_nonfinite(adapter) == [{"key": "n.lora_down.weight", "nan": 1, "inf": 0}]
+    memory = Adapter(path=None, format="peft", layers={"x": LoraLayer(
+        target="x", kind="linear", A=LazyTensor.of(torch.tensor([[float("inf"), 1.0]]), key="x.A"),
+        B=LazyTensor.of(torch.ones(2, 1), key="x.B"), alpha=1.0, rank=1)})
+    assert scan_nonfinite(memory) == [{"key": "x.A", "nan": 0, "inf": 1}]
+
+
+def test_gc_paused_restores_the_collector():
+    import gc
+
+    assert gc.isenabled()
+    with storage.gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with storage.gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: left off
+    finally:
+        gc.enable()
+
+
+# ------------------------------------------------------------------------------------ CUDA
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_svd_on_cuda_uses_cholesky_and_matches_float64():
+    ups, downs = _group(6, 4096, 64, 4096, seed=9)
+    batch = BatchedFactoredSVD(ups, downs, device="cuda")
+    assert batch.method == "cholesky" and batch.fallbacks >= 2  # the zero and repeated-column factors
+    for up, down, got in zip(ups, downs, batch.svds(16)):
+        exact = torch.linalg.svdvals(up.double() @ down.double())[:64]
+        scale = max(float(exact[0]), 1e-30)
+        assert got.S.device.type == "cuda"
+        assert float((got.S.double().cpu() - exact).abs().max()) <= 2e-6 * scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resize_on_cuda_batched_equals_cpu_per_layer():
+    adapter = _mixed_adapter()
+    on_cpu, report_cpu = resize_adapter(adapter, rank=3, batch_size=1, device="cpu")
+    on_gpu, report_gpu = resize_adapter(adapter, rank=3, device="cuda")
+    assert [e.new_rank for e in report_gpu.layers] == [e.new_rank for e in report_cpu.layers]
+    for target, layer in on_cpu.layers.items():
+        assert on_gpu.layers[target].A.load().device.type == "cpu"
+        torch.testing.assert_close(on_gpu.layers[target].delta_weight(), layer.delta_weight(), rtol=0, atol=1e-4)

@@ -13,7 +13,7 @@ import torch
 from ..adapter import Adapter, LazyTensor, LoraLayer
 from ..errors import LorahubError
 from ..kinds import CONV, factor_kind
-from ..storage import SafetensorsHeader, is_pickle_path, load_pickle_state_dict, open_safetensors
+from ..storage import SafetensorsHeader, TensorInfo, is_pickle_path, load_pickle_state_dict, open_safetensors
 
 # substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights
 ADAPTER_KEY_MARKERS = (".lora_A", ".lora_B", "lora_down", "lora_up", "lora_embedding_", ".alpha",
@@ -41,20 +41,24 @@ class TensorSource:
             self.header = self._file.header
             self.metadata = dict(self.header.metadata)
 
+    def _entries(self) -> dict[str, TensorInfo]:
+        assert self.header is not None  # not a pickle: __init__ read the header
+        return self.header.tensors
+
     def keys(self) -> list[str]:
         if self._memory is not None:
             return list(self._memory)
-        return list(self.header.tensors)
+        return list(self._entries())
 
     def shape(self, key: str) -> tuple[int, ...]:
         if self._memory is not None:
             return tuple(self._memory[key].shape)
-        return self.header.tensors[key].shape
+        return self._entries()[key].shape
 
     def lazy(self, key: str) -> LazyTensor:
         if self._memory is not None:
             return LazyTensor(value=self._memory[key], key=key)
-        info = self.header.tensors[key]
+        info = self._entries()[key]
         return LazyTensor(path=self.path, key=key, shape=info.shape, dtype=info.dtype)
 
     def scalar(self, key: str) -> float:
