@@ -90,7 +90,7 @@ def pipeline(src: Path, out: Path, device: torch.device, rank: int, batch_size: 
     sync(device)
     stages["resize"] = time.perf_counter() - t
     t = time.perf_counter()
-    save_adapter(resized, out, format="kohya")
+    save_adapter(resized, out, format="kohya", overwrite=True)  # the same path every repetition
     stages["save"] = time.perf_counter() - t
     stages["total"] = sum(stages.values())
     return stages, resized, report
@@ -110,11 +110,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--workdir", default=None, help="where the generated files go (default: a temporary dir)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the numbers to this JSON file")
-    ap.add_argument("--tiny", action="store_true", help="smoke test: 70 modules, rank 8 → 2, 1 repetition")
+    ap.add_argument("--tiny", action="store_true", help="smoke test: 70 modules, rank 8 → 2, at most 2 repetitions")
     args = ap.parse_args(argv)
     if args.tiny:
         args.modules, args.rank, args.new_rank = 70, 8, 2
-        args.repeats, args.cli_repeats, args.legacy_repeats = 1, min(args.cli_repeats, 1), min(args.legacy_repeats, 1)
+        args.repeats, args.cli_repeats, args.legacy_repeats = min(args.repeats, 2), min(args.cli_repeats, 1), min(args.legacy_repeats, 2)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -21,7 +21,7 @@ def bench(monkeypatch):
 
 
 def test_bench_resize_kohya_tiny(bench, capsys):
-    assert bench("bench_resize_kohya").main(["--tiny", "--cli-repeats", "0", "--legacy-repeats", "1"]) == 0
+    assert bench("bench_resize_kohya").main(["--tiny", "--repeats", "2", "--cli-repeats", "0", "--legacy-repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "per-layer" in out and "legacy I/O" in out and "same ranks" in out
 
