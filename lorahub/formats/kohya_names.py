@@ -70,17 +70,20 @@ def kohya_candidates(name: str) -> tuple[str, tuple[str, ...]]:
     return rest, ("",)
 
 
+# one alternation, longest first, each ending at a '_' or the end: the first that matches wins, as in
+# the vocabulary's order (a compiled pattern instead of ~150 startswith calls per position)
+_IDENTIFIER = re.compile("(?:" + "|".join(map(re.escape, UNDERSCORE_IDENTIFIERS)) + ")(?=_|$)")
+
+
 def guess_dotted(flat: str) -> str:
     """Split an underscore-flattened module path into a dotted one using the identifier vocabulary."""
     parts: list[str] = []
     i = 0
     while i < len(flat):
-        for ident in UNDERSCORE_IDENTIFIERS:
-            end = i + len(ident)
-            if flat.startswith(ident, i) and (end == len(flat) or flat[end] == "_"):
-                parts.append(ident)
-                i = end + 1
-                break
+        match = _IDENTIFIER.match(flat, i)
+        if match:
+            parts.append(match.group())
+            i = match.end() + 1
         else:
             end = flat.find("_", i)
             end = len(flat) if end < 0 else end
