@@ -224,9 +224,11 @@ def test_usage_errors_come_before_reading_any_input(tmp_path):
                  ("interpolate", missing, missing, "-t", "inf")):
         result = run_cli(*args, "--out", tmp_path / "o")
         assert result.returncode == 2, (args, result.stderr)
-    # and invalid input stays exit 1
-    result = run_cli("resize", missing, "--rank", "2", "--out", tmp_path / "o")
-    assert result.returncode == 1 and "no such file" in _one_error_line(result)
+    # and invalid input stays exit 1, in every command that reads an adapter (push's was Click's exit 2)
+    for args in (("resize", missing, "--rank", "2", "--out", tmp_path / "o"), ("inspect", missing),
+                 ("push", missing, "alice/x"), ("convert", missing, "--to", "peft", "--out", tmp_path / "o")):
+        result = run_cli(*args)
+        assert result.returncode == 1 and "no such file" in _one_error_line(result), (args, result.stderr)
 
 
 def test_library_option_errors_are_option_errors(peft_lora_dir):

@@ -68,7 +68,7 @@ def pull_command(repo, revision, out, include, no_inspect, as_json):
 
 
 @click.command("push")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path")  # a missing adapter is invalid input (exit 1), as in every command, not a usage error
 @click.argument("repo")
 @click.option("--private", is_flag=True, help="Create the repository as private (when it does not exist).")
 @click.option("--revision", "-r", default=None, metavar="BRANCH", help="Branch to commit to (created if missing).")
