@@ -11,37 +11,85 @@ import importlib
 import pkgutil
 import sys
 import traceback
+from typing import Any, Sequence
 
 import click
 
 from . import __version__
 from .errors import LorahubError
-from .ui import error_line
+from .ui import JSON_META, report_error
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def json_requested(ctx: click.Context | None, argv: Sequence[str]) -> bool:
+    """Whether the failing command line asked for --json: the parsed flag when parsing got that far,
+    else the flag among the arguments (before a `--`)."""
+    if ctx is not None and JSON_META in ctx.meta:
+        return bool(ctx.meta[JSON_META])
+    args = list(argv)
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
+
+
+def _usage_message(exc: click.ClickException) -> tuple[str, str]:
+    """Click's message in lorahub's style (lower-case start, no full stop), and where to read the options."""
+    message = " ".join(exc.format_message().split()).removesuffix(".")  # one line ("Choose from:\n\tpeft,…")
+    if len(message) > 1 and message[0].isupper() and message[1].islower():
+        message = message[0].lower() + message[1:]
+    hint = f" (see '{exc.ctx.command_path} --help')" if isinstance(exc, click.UsageError) and exc.ctx else ""
+    return message, hint
+
+
 class LorahubGroup(click.Group):
-    def invoke(self, ctx: click.Context):
+    """Every failure leaves the CLI the same way: one `error: …` line on stderr (with --json, also
+    `{"ok": false, "error": …, "exit_code": N}` on stdout) and the exit status the README promises:
+    1 for invalid input or a failed check, 2 for a usage error (Click's, or an `OptionError`)."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `lorahub registry`: the help, as Click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            message, hint = _usage_message(exc)
+            report_error(message, exc.exit_code, as_json=json_requested(getattr(exc, "ctx", None), argv), hint=hint)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            report_error("aborted; no output was written", 1, as_json=json_requested(None, argv))
+            sys.exit(1)
+        except LorahubError as exc:  # raised while parsing (an option callback)
+            if "--debug" in argv:
+                traceback.print_exc()
+            report_error(str(exc), exc.exit_code, as_json=json_requested(None, argv))
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except LorahubError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            error_line(str(exc))
+            report_error(str(exc), exc.exit_code, as_json=bool(ctx.meta.get(JSON_META)))
             ctx.exit(exc.exit_code)
         except OSError as exc:  # the disk, not our code: unwritable --out, disk full, permissions
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             where = f"{exc.filename}: " if exc.filename else ""
-            error_line(f"{where}{exc.strerror or exc}; nothing was written")
+            report_error(f"{where}{exc.strerror or exc}; nothing was written", 1,
+                         as_json=bool(ctx.meta.get(JSON_META)))
             ctx.exit(1)
         except KeyboardInterrupt:
-            error_line("interrupted; no output was written")
+            report_error("interrupted; no output was written", 130, as_json=bool(ctx.meta.get(JSON_META)))
             ctx.exit(130)
 
 
-@click.group(cls=LorahubGroup, context_settings=CONTEXT_SETTINGS)
+@click.group("lorahub", cls=LorahubGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", prog_name="lorahub")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
@@ -73,13 +121,7 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cli.main(args=argv, prog_name="lorahub", standalone_mode=True)
-    except SystemExit:
-        raise
-    except LorahubError as exc:  # raised outside a command (e.g. during option callbacks)
-        error_line(str(exc))
-        sys.exit(exc.exit_code)
+    cli.main(args=argv, prog_name="lorahub", standalone_mode=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """`lorahub demo`: the bundled tiny base model and adapter walked through every command."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -15,31 +14,31 @@ def example_paths() -> tuple[Path, Path]:
     return EXAMPLES / "tiny-llama", EXAMPLES / "tiny-lora"
 
 
-def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
-    """Run every step in `workdir`; `say(title, text)` reports each one. Returns the key numbers."""
+Say = Callable[[str, Sequence[str], str], None]
+
+
+def run_demo(workdir: Path, say: Say) -> dict:
+    """Run every step in `workdir`; `say(title, argv, text)` reports each one: the command line the step
+    stands for (`["lorahub", …]`, real paths: the bundled example, read where it is installed, and the
+    outputs in `workdir`), then what it found. Run in order, those command lines redo the demo.
+    Returns the key numbers."""
     from .base import load_base
     from .blend import interpolate
     from .convert import convert_adapter
     from .formats import load_adapter, save_adapter
     from .inspect import describe
     from .merge import AdapterInput, merge, unmerge
-    from .output import write as write_output
     from .resize import resize_adapter
     from .validate import validate
 
-    base_src, adapter_src = example_paths()
+    base_dir, adapter_dir = (path.resolve() for path in example_paths())
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    base_dir = workdir / "tiny-llama"
-    adapter_dir = workdir / "tiny-lora"
-    for src, dst in ((base_src, base_dir), (adapter_src, adapter_dir)):
-        # an earlier demo's copy is replaced; a folder of that name that lorahub did not write is refused
-        with write_output(dst, kind="dir", overwrite=True, inputs=[src], command="demo") as tmp:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
     numbers: dict = {}
 
     adapter = load_adapter(adapter_dir)
     info = describe(adapter)
-    say("inspect", f"lorahub inspect {adapter_dir}\n"
+    say("inspect", ["lorahub", "inspect", str(adapter_dir)],
         f"  {info['format']} adapter for {info['base_model']}: {info['modules']} modules, rank {info['rank']}, "
         f"alpha {info['alpha']}, scale {info['scale']}, targets "
         + ", ".join(f"{k} ×{v}" for k, v in info["targets"].items())
@@ -48,12 +47,13 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
 
     report = validate(adapter, load_base(str(base_dir)))
     numbers["validate_ok"] = report.ok
-    say("validate", f"lorahub validate {adapter_dir.name} --base {base_dir.name}\n  {report.summary}")
+    say("validate", ["lorahub", "validate", str(adapter_dir), "--base", str(base_dir)], f"  {report.summary}")
     wrong = validate(adapter, load_base("llama-2-7b"))
     first = wrong.errors[0] if wrong.errors else None
-    say("validate (wrong base)", f"lorahub validate {adapter_dir.name} --base llama-2-7b   (offline registry)\n"
+    say("validate (wrong base)", ["lorahub", "validate", str(adapter_dir), "--base", "llama-2-7b"],
         f"  {wrong.summary}\n"
-        + (f"  e.g. {first.module}: expected {first.expected}, found {first.found}" if first else ""))
+        + (f"  e.g. {first.module}: expected {first.expected}, found {first.found}\n" if first else "")
+        + "  (llama-2-7b is an offline registry manifest; this check exits 1)")
 
     kohya_file = workdir / "tiny-lora.safetensors"
     convert_adapter(load_adapter(adapter_dir), kohya_file, "kohya", overwrite=True)
@@ -61,7 +61,7 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
     worst = max(float((back.layers[t].delta_weight() - layer.delta_weight()).abs().max())
                 for t, layer in adapter.layers.items())
     numbers["convert_max_error"] = worst
-    say("convert", f"lorahub convert {adapter_dir.name} --to kohya --out {kohya_file.name}\n"
+    say("convert", ["lorahub", "convert", str(adapter_dir), "--to", "kohya", "--out", str(kohya_file)],
         f"  {len(back.layers)} modules in kohya's layout; largest |ΔW| difference after the round "
         f"trip: {worst:.1e}")
 
@@ -72,7 +72,8 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
     merged_state = load_file(str(merged_dir / "model.safetensors"))
     changed = sum(not torch.equal(base_state[k], merged_state[k]) for k in base_state)
     numbers["merge_tensors_changed"] = result.tensors_changed
-    say("merge", f"lorahub merge --base {base_dir.name} {adapter_dir.name} --out {merged_dir.name}\n"
+    say("merge", ["lorahub", "merge", "--base", str(base_dir), str(adapter_dir), "--out", str(merged_dir),
+                  "--device", "cpu"],
         f"  {result.tensors_changed} tensors changed ({changed} differ from the base on disk), "
         f"{result.tensors_copied} copied byte for byte; ΔW in fp32, rounded once")
 
@@ -82,21 +83,23 @@ def run_demo(workdir: Path, say: Callable[[str, str], None]) -> dict:
     restored = load_file(str(restored_dir / "model.safetensors"))
     drift = max(float((restored[k].float() - base_state[k].float()).abs().max()) for k in base_state)
     numbers["unmerge_max_error"] = drift
-    say("unmerge", f"lorahub unmerge --base {merged_dir.name} {adapter_dir.name} --out {restored_dir.name}\n"
+    say("unmerge", ["lorahub", "unmerge", "--base", str(merged_dir), str(adapter_dir), "--out", str(restored_dir),
+                    "--device", "cpu"],
         f"  largest difference from the original base: {drift:.1e}" + (" (exact restore)" if undo.exact else ""))
 
-    small, resize_report = resize_adapter(load_adapter(adapter_dir), rank=4)
+    small, resize_report = resize_adapter(load_adapter(adapter_dir), rank=4, device="cpu")
     small_dir = save_adapter(small, workdir / "tiny-lora-r4", "peft", overwrite=True)
     summary = resize_report.summary()
     numbers["resize_mean_energy"] = summary["mean_energy_retained"]
-    say("resize", f"lorahub resize {adapter_dir.name} --rank 4 --out {small_dir.name}\n"
+    say("resize", ["lorahub", "resize", str(adapter_dir), "--rank", "4", "--out", str(small_dir), "--device", "cpu"],
         f"  {summary['resized']} layers 8 → 4 by exact SVD of the factors; energy kept: mean "
         f"{summary['mean_energy_retained']:.1%}, worst {summary['worst_energy_retained']:.1%}; "
         f"{summary['old_params']:,} → {summary['new_params']:,} parameters")
 
-    blended = interpolate(load_adapter(adapter_dir), load_adapter(small_dir), 0.5, method="cat")
+    blended = interpolate(load_adapter(adapter_dir), load_adapter(small_dir), 0.5, method="cat", device="cpu")
     blend_dir = save_adapter(blended.adapter, workdir / "tiny-lora-mix", "peft", overwrite=True)
     ranks = sorted({layer.rank for layer in blended.adapter.layers.values()})
-    say("interpolate", f"lorahub interpolate {adapter_dir.name} {small_dir.name} --t 0.5 --method cat "
-        f"--out {blend_dir.name}\n  exact 0.5·A + 0.5·B: rank {ranks[0]} per layer (8 + 4)")
+    say("interpolate", ["lorahub", "interpolate", str(adapter_dir), str(small_dir), "-t", "0.5", "--method", "cat",
+                        "--out", str(blend_dir), "--device", "cpu"],
+        f"  exact 0.5·A + 0.5·B: rank {ranks[0]} per layer (8 + 4)")
     return numbers

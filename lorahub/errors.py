@@ -3,7 +3,8 @@ from __future__ import annotations
 
 
 class LorahubError(Exception):
-    """A problem with the user's input or environment; the CLI prints it on one line and exits 1."""
+    """A problem with the user's input or environment; the CLI prints it on one line and exits with
+    `exit_code` (1; `OptionError`: 2)."""
 
     exit_code = 1
 
@@ -17,6 +18,13 @@ class LorahubError(Exception):
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.path = path
         self.key = key
+
+
+class OptionError(LorahubError):
+    """An option value or a combination of options the operation cannot take (`--rank 0`, a weight per
+    adapter missing, `--param` without `--rank-method`): the CLI's usage error, exit status 2."""
+
+    exit_code = 2
 
 
 class UnsupportedError(LorahubError):

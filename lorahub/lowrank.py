@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .devices import device_of
-from .errors import LorahubError
+from .errors import LorahubError, OptionError
 
 __all__ = [
     "LowRankSVD",
@@ -475,20 +475,20 @@ def choose_rank(S: Tensor, *, rank: int | None = None, method: str = "fixed",
     (length min(n, k)); pass S zero-padded to that length to reproduce its upper clamp too.
     """
     if method not in METHODS:
-        raise LorahubError(f"unknown rank method {method!r}; choose one of {', '.join(METHODS)}")
+        raise OptionError(f"unknown rank method {method!r}; choose one of {', '.join(METHODS)}")
     if rank is not None and rank < 0:
-        raise LorahubError(f"rank must be ≥ 0, got {rank}")
+        raise OptionError(f"rank must be ≥ 0, got {rank}")
     if method == "fixed":
         if rank is None:
-            raise LorahubError("method 'fixed' needs a rank")
+            raise OptionError("method 'fixed' needs a rank")
     else:
         if param is None:
-            raise LorahubError(f"method {method!r} needs a parameter (--param)")
+            raise OptionError(f"method {method!r} needs a parameter (--param)")
         param = float(param)
         if method == "sv_ratio" and not param >= 1.0:
-            raise LorahubError(f"sv_ratio keeps σ > σ₀/p and needs p ≥ 1, got {param}")
+            raise OptionError(f"sv_ratio keeps σ > σ₀/p and needs p ≥ 1, got {param}")
         if method in ("sv_fro", "sv_cumulative") and not 0.0 < param <= 1.0:
-            raise LorahubError(f"{method} needs a fraction 0 < p ≤ 1, got {param}")
+            raise OptionError(f"{method} needs a fraction 0 < p ≤ 1, got {param}")
     if kohya_compat:
         return _choose_rank_kohya(S, rank=rank, method=method, param=param)
 
@@ -543,6 +543,12 @@ def _choose_rank_kohya(S: Tensor, *, rank: int | None, method: str, param: float
     elif rank is not None and new_rank > rank:
         new_rank = int(rank)
     return new_rank
+
+
+# where the singular values go when factors are rebuilt from an SVD (resize --split, blend --split)
+SPLITS = ("balanced", "up", "down")
+SPLIT_HELP = ("How S is split after an SVD: B = U√S, A = √S·Vᵀ (balanced); B = U·S, A = Vᵀ (up, kohya/PEFT); "
+              "B = U, A = S·Vᵀ (down)")
 
 
 def split_factors(svd: LowRankSVD, rank: int, mode: str = "balanced") -> tuple[Tensor, Tensor]:

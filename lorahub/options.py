@@ -1,22 +1,26 @@
 """The CLI's shared options: one decorator per option that more than one command spells, and the
 helpers that turn an adapter argument into an `Adapter`.
 
-Each decorator fixes an option's spelling (long name, short alias, parameter name) and its choices,
-which come from the library's constants (`lorahub.formats`, `lorahub.lowrank`, `lorahub.devices`),
-never from lists kept here. Where commands still differ in a default, a help text or an older
-spelling, the command passes it (and the older spelling stays as an alias); those differences are
-named at each decorator.
+Each decorator fixes an option's spelling (long name, short alias, parameter name), its values and
+its default, so one concept is one flag with one value set in every command (docs/cli.md): `--dtype
+auto|fp32|fp16|bf16`, `--device auto|cpu|cuda[:N]` (default auto), `--rank/-r` (≥ 1), `--rank-method`
+with `--param`, `--split`, `--all-layers`, `--json`. Choices come from the library's constants
+(`lorahub.formats`, `lorahub.lowrank`), never from lists kept here; a command passes only its own
+help text. A value outside an option's set is a usage error (exit 2).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import click
 
 from .devices import DEVICE_HELP
 from .formats import FORMATS, READ_FORMATS
 from .lowrank import METHODS as RANK_METHODS
+from .lowrank import SPLIT_HELP, SPLITS
+from .ui import JSON_META
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -25,10 +29,11 @@ F = TypeVar("F", bound=Callable)
 Decorator = Callable[[F], F]
 
 __all__ = [
-    "ADAPTER_OUT_HELP", "INPUT_FORMAT_CHOICES", "OVERWRITE_HELP", "OUTPUT_FORMAT_CHOICES", "RANK_METHODS",
-    "adapter_input_options", "allow_pickle_option", "device_option", "dtype_option", "input_format_option",
-    "json_option", "open_adapter", "out_option", "output_format_option", "overwrite_option", "rank_method_option",
-    "rank_option", "rank_param_option", "resolve_path",
+    "ADAPTER_OUT_HELP", "DEVICES", "DTYPES", "INPUT_FORMAT_CHOICES", "OUTPUT_FORMAT_CHOICES", "OVERWRITE_HELP",
+    "RANK_METHODS", "SPLITS", "DeviceType", "DtypeType", "adapter_input_options", "all_layers_option",
+    "allow_pickle_option", "device_option", "dtype_option", "input_format_option", "json_option", "open_adapter",
+    "out_option", "output_format_option", "overwrite_option", "rank_method_option", "rank_option",
+    "rank_param_option", "resolve_path", "split_option", "torch_dtype_name",
 ]
 
 INPUT_FORMAT_CHOICES = ["auto", *READ_FORMATS]
@@ -80,8 +85,10 @@ def out_option(*, help: str = ADAPTER_OUT_HELP, required: bool = True, metavar: 
     model directory (merge, unmerge: `metavar="DIR"`), an optional folder (pull: `required=False,
     file_okay=False`), a manifest file (registry add). What may be written there is `lorahub.output`'s
     policy, applied by the library; it goes with `overwrite_option`."""
-    return click.option("--out", "-o", "out", required=required, default=None, metavar=metavar,
-                        type=click.Path(file_okay=file_okay, path_type=path_type), help=help)
+    # no `default=None` when required: Click ≥ 8.3 counts an explicit None as given
+    extra = {} if required else {"default": None}
+    return click.option("--out", "-o", "out", required=required, metavar=metavar,
+                        type=click.Path(file_okay=file_okay, path_type=path_type), help=help, **extra)
 
 
 OVERWRITE_HELP = ("Replace an existing --out: a file, or a directory written by an earlier run (one holding any "
@@ -95,42 +102,108 @@ def overwrite_option(*, help: str = OVERWRITE_HELP) -> Decorator:
 
 def output_format_option(*, required: bool = False, help: str = "Output format.") -> Decorator:
     """`--to`: the format written. Required for convert; resize and blend default to the input's."""
+    # no `default=None` when required: Click ≥ 8.3 counts an explicit None as given, and `convert` without
+    # --to then ran (and wrote a PEFT folder) instead of being a usage error
+    extra = {} if required else {"default": None}
     return click.option("--to", "to_format", type=click.Choice(OUTPUT_FORMAT_CHOICES), required=required,
-                        default=None, help=help)
+                        help=help, **extra)
 
 
-def dtype_option(choices: Sequence[str], *aliases: str, default: str | None = None, help: str) -> Decorator:
-    """`--dtype`: the output dtype. The value spellings still differ by command (merge, unmerge:
-    auto|fp32|fp16|bf16; resize, spelled `--save-dtype` (kept as an alias): keep|fp32|fp16|bf16;
-    blend, interpolate: float32|float16|bfloat16), so each passes its choices."""
-    return click.option("--dtype", *aliases, "dtype", type=click.Choice(list(choices)), default=default,
-                        show_default=default is not None, help=help)
+# `--dtype`: one value set everywhere; the library spellings are accepted as aliases (not listed in --help)
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_TORCH_DTYPE_NAMES = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+class DtypeType(click.Choice):
+    """auto|fp32|fp16|bf16; float32, float16 and bfloat16 are read as fp32, fp16 and bf16."""
+
+    def __init__(self) -> None:
+        super().__init__(list(DTYPES), case_sensitive=False)
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, str):
+            value = DTYPE_ALIASES.get(value.strip().lower(), value)
+        return super().convert(value, param, ctx)
+
+
+def torch_dtype_name(dtype: str | None) -> str | None:
+    """'fp16' → 'float16' (the name on `torch`); 'auto'/None → None (keep the input's dtype)."""
+    return _TORCH_DTYPE_NAMES[DTYPE_ALIASES.get(dtype or "auto", dtype or "auto")]
+
+
+def dtype_option(*, help: str) -> Decorator:
+    """`--dtype auto|fp32|fp16|bf16`, default auto: keep the input's dtype (what "the input's" is — each
+    tensor's, each layer's, the first adapter's — the command's help says). Map the value with
+    `torch_dtype_name` (blend, resize) or pass it as is (merge, unmerge)."""
+    return click.option("--dtype", "dtype", type=DtypeType(), default="auto", show_default=True, help=help)
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    # eager, so it is known before any other option fails to parse: errors come back as JSON too
+    ctx.meta[JSON_META] = bool(value)
+    return value
+
+
+json_option = click.option("--json", "as_json", is_flag=True, is_eager=True, callback=_remember_json,
+                           help="Print machine-readable JSON on stdout (errors too; docs/json.md).")
 
 
 # ---- compute -----------------------------------------------------------------------------------
 
-def device_option(*, default: str = "auto") -> Decorator:
-    """`--device`, resolved by `lorahub.devices.resolve_device`. Default auto, except resize (cpu)."""
-    return click.option("--device", "device", default=default, show_default=True, metavar="DEVICE",
+DEVICES = "auto|cpu|cuda|cuda:N"
+
+
+class DeviceType(click.ParamType):
+    """auto, cpu, cuda or cuda:N, checked when parsed (anything else is a usage error); whether this
+    machine has that device is checked when the command runs (`lorahub.devices.resolve_device`, exit 1)."""
+
+    name = "device"
+
+    def get_metavar(self, param, ctx=None):  # type: ignore[no-untyped-def,override]
+        return f"[{DEVICES}]"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        text = str(value).strip().lower()
+        if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+            return text
+        self.fail(f"'{value}' is not a device (use auto, cpu, cuda or cuda:N)", param, ctx)
+
+
+def device_option() -> Decorator:
+    """`--device auto|cpu|cuda[:N]`, default auto (CUDA when available), in every command that computes
+    (merge, unmerge, resize, blend, interpolate)."""
+    return click.option("--device", "device", type=DeviceType(), default="auto", show_default=True,
                         help=DEVICE_HELP)
 
 
-def rank_option(*, help: str, value_type: click.ParamType | type = click.IntRange(min=1)) -> Decorator:
-    """`--rank/-r`: the target rank, or the cap of a dynamic rank rule. resize checks the value
-    itself (`value_type=int`: a rank below 1 exits 1 there, 2 in blend)."""
-    return click.option("--rank", "-r", "rank", type=value_type, default=None, help=help)
+def rank_option(*, help: str) -> Decorator:
+    """`--rank/-r N` (N ≥ 1, else a usage error): the target rank, or the cap of a dynamic rank rule."""
+    return click.option("--rank", "-r", "rank", type=click.IntRange(min=1), default=None, help=help)
 
 
-def rank_method_option(*aliases: str, default: str | None = "fixed", help: str) -> Decorator:
-    """`--rank-method`: fixed or a dynamic per-layer rank rule. resize spells it `--method` (kept as
-    an alias; blend's `--method` is the blend method) and defaults to none (fixed unless --param)."""
-    return click.option("--rank-method", *aliases, "rank_method", type=click.Choice(RANK_METHODS),
-                        default=default, show_default=default is not None, help=help)
+def rank_method_option(*, help: str) -> Decorator:
+    """`--rank-method fixed|sv_ratio|sv_fro|sv_cumulative` (default fixed), with `--param` (resize,
+    blend, interpolate)."""
+    return click.option("--rank-method", "rank_method", type=click.Choice(RANK_METHODS), default="fixed",
+                        show_default=True, help=help)
 
 
 def rank_param_option(*, help: str = "The --rank-method parameter (e.g. 0.99).") -> Decorator:
     """`--param`: the dynamic rank rule's parameter."""
     return click.option("--param", "param", type=float, default=None, help=help)
+
+
+def split_option(*, help: str = SPLIT_HELP + ".") -> Decorator:
+    """`--split balanced|up|down`: where the singular values go after an SVD (resize; blend's comes from
+    its method registry with the same values)."""
+    return click.option("--split", "split", type=click.Choice(list(SPLITS)), default="balanced",
+                        show_default=True, help=help)
+
+
+# ---- reports -----------------------------------------------------------------------------------
+
+def all_layers_option(*, help: str) -> Decorator:
+    """`--all-layers`: print every layer where the report would otherwise stop at a limit or leave the
+    per-layer table out (inspect, validate, resize, blend, interpolate)."""
+    return click.option("--all-layers", "all_layers", is_flag=True, help=help)

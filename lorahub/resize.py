@@ -35,10 +35,11 @@ import torch
 from .adapter import ST_DTYPES, Adapter, LoraLayer
 from .batches import plan_batches, prefetched, stack_factors, to_cpu
 from .devices import default_workers, map_layers
-from .errors import LorahubError, UnsupportedError
+from .errors import LorahubError, OptionError, UnsupportedError
 from .formats import all_formats
 from .lowrank import (
     METHODS,
+    SPLITS,
     BatchedFactoredSVD,
     _FactoredSVD,
     choose_rank,
@@ -47,8 +48,6 @@ from .lowrank import (
     split_factors,
     split_factors_batched,
 )
-
-SPLITS = ("balanced", "up")
 
 
 @dataclass
@@ -155,19 +154,25 @@ def _check_supported(adapter: Adapter) -> None:
         raise LorahubError("adapter has no LoRA layers to resize", path=adapter.path)
 
 
-def _validate_args(rank: int | None, method: str, param: float | None, conv_rank: int | None,
-                   split: str) -> None:
+def check_options(rank: int | None, method: str, param: float | None, conv_rank: int | None = None,
+                  split: str = "balanced") -> None:
+    """The options' own checks, before any layer is read: OptionError (a usage error, exit 2)."""
     if method not in METHODS:
-        raise LorahubError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+        raise OptionError(f"unknown rank method '{method}' (choose from {', '.join(METHODS)})")
     if split not in SPLITS:
-        raise LorahubError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
+        raise OptionError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
+    if method == "fixed" and param is not None:
+        raise OptionError("--param goes with --rank-method sv_ratio|sv_fro|sv_cumulative")
     if method == "fixed" and rank is None:
-        raise LorahubError("give --rank (the new rank), or --method with --param for dynamic ranks")
+        raise OptionError("give --rank (the new rank), or --rank-method with --param for dynamic ranks")
     if method != "fixed" and param is None:
-        raise LorahubError(f"--method {method} needs --param")
-    for name, value in (("rank", rank), ("conv rank", conv_rank)):
+        raise OptionError(f"--rank-method {method} needs --param")
+    for name, value in (("--rank", rank), ("--conv-rank", conv_rank)):
         if value is not None and value < 1:
-            raise LorahubError(f"{name} must be at least 1, got {value}")
+            raise OptionError(f"{name} must be at least 1, got {value}")
+    if param is not None:
+        # the rule's own parameter checks (sv_ratio: p ≥ 1; sv_fro, sv_cumulative: 0 < p ≤ 1)
+        choose_rank(torch.ones(1), rank=rank or 1, method=method, param=param)
 
 
 def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "fixed",
@@ -192,10 +197,7 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
     CPU was shared with other processes. `workers=0` leaves torch's threading alone and runs the
     batches one by one.
     """
-    _validate_args(rank, method, param, conv_rank, split)
-    if param is not None:
-        # the rules' own parameter checks, once, before any layer is read
-        choose_rank(torch.ones(1), rank=rank or 1, method=method, param=param)
+    check_options(rank, method, param, conv_rank, split)
     _check_supported(adapter)
     conv_cap = conv_rank if conv_rank is not None else rank
     report = ResizeReport(method=method, param=param, rank=rank, conv_rank=conv_cap,

@@ -26,6 +26,8 @@ def _make_console(stderr: bool) -> Console:
                    color_system=None if plain else "auto", no_color=plain)
 
 
+JSON_META = "lorahub.json"  # click ctx.meta key: the command line has --json (set by options.json_option)
+
 console = _make_console(False)
 err_console = _make_console(True)
 
@@ -87,6 +89,24 @@ def step_progress(description: str, total: int) -> Iterator[Any]:
 def error_line(message: str) -> None:
     # messages carry file names and keys, which may contain '[...]': never read them as markup
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+
+
+def ok_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """A successful command's JSON object: `"ok": true` first, then the command's keys (docs/json.md)."""
+    return {"ok": True, **{k: v for k, v in payload.items() if k != "ok"}}
+
+
+def error_payload(message: str, exit_code: int, **extra: Any) -> dict[str, Any]:
+    """A failed command's JSON object: `{"ok": false, "error": ..., "exit_code": N}` (docs/json.md)."""
+    return {"ok": False, "error": message, "exit_code": exit_code, **extra}
+
+
+def report_error(message: str, exit_code: int = 1, *, as_json: bool = False, hint: str = "") -> None:
+    """The one error style: `error: …` on one line on stderr (`hint` appended there only); with --json
+    also the error object on stdout."""
+    error_line(message + hint)
+    if as_json:
+        print_json(error_payload(message, exit_code))
 
 
 def warn(message: str) -> None:

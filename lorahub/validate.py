@@ -61,11 +61,22 @@ class ValidationReport:
 
     @property
     def summary(self) -> str:
+        """The headline: what passed, or what failed — shapes that do not fit, ranks over --max-rank, or both."""
         if self.ok:
             text = f"fits: {self.matched}/{self.modules} modules of {self.adapter} match {self.base}"
         else:
-            bad = len({p.module for p in self.errors})
-            text = f"does not fit: {bad} of {self.modules} modules of {self.adapter} do not match {self.base}"
+            misfits = {p.module for p in self.errors if p.kind != "max_rank"}
+            over = {p.module for p in self.errors if p.kind == "max_rank"}
+            parts = []
+            if misfits:
+                parts.append(f"does not fit: {len(misfits)} of {self.modules} modules of {self.adapter} do not "
+                             f"match {self.base}")
+            if over:
+                limit = f"{len(over)} of {self.modules} modules of {self.adapter} have a rank over --max-rank " \
+                        f"{self.max_rank}"
+                parts.append(f"{len(over)} modules have a rank over --max-rank {self.max_rank}" if misfits else
+                             f"rank limit exceeded: {limit} (their shapes fit {self.base})")
+            text = "; ".join(parts)
         if self.suggestions:
             text += f" (fits: {', '.join(self.suggestions)})"
         return text

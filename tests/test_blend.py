@@ -159,6 +159,10 @@ def test_cat_equals_peft_cat_on_every_layer(tiny_llama_dir, lora_a, lora_b, tmp_
         assert _rel(layer.delta_weight(), peft) < 1e-6
 
 
+# lorahub computes blends in float32 and stores float32 factors; the references below are float64
+FP32_EPS = float(np.finfo(np.float32).eps)
+
+
 def test_svd_is_the_optimal_truncation_and_never_worse_than_peft(tiny_llama_dir, lora_a, lora_b, tmp_path):
     weights = [0.6, 0.9]
     model = _peft_model(tiny_llama_dir, {"a": lora_a, "b": lora_b})
@@ -168,24 +172,42 @@ def test_svd_is_the_optimal_truncation_and_never_worse_than_peft(tiny_llama_dir,
     ours, report = _blend_files([lora_a, lora_b], weights, tmp_path / "svd")  # default: svd, rank 8
     for target, layer in ours.layers.items():
         target_exact = exact[target].numpy()
-        U, S, Vt = np.linalg.svd(target_exact, full_matrices=False)
+        U, S, Vt = np.linalg.svd(target_exact, full_matrices=False)  # the float64 reference
         rank = min(8, int((S > 1e-12 * S[0]).sum()))
         assert layer.rank == rank
         optimal = (U[:, :rank] * S[:rank]) @ Vt[:rank]
         ours_delta = layer.delta_weight(dtype=torch.float64).numpy()
-        assert np.linalg.norm(ours_delta - optimal) <= 2e-6 * np.linalg.norm(optimal)
-        # the singular values of what we wrote are the top ones of the exact sum
+        norm = np.linalg.norm(target_exact)
+        err_opt = np.linalg.norm(optimal - target_exact)  # Eckart–Young: no rank-r matrix does better
+        err_ours = np.linalg.norm(ours_delta - target_exact)
+        # What float32 may cost. The factored SVD (QR of both factors, an r×r SVD) is backward stable: it is
+        # the exact SVD of ΔW + δ with ‖δ‖_F ≲ a few·√r·ε₃₂·‖ΔW‖_F, and storing the new factors in float32
+        # adds about √r·ε₃₂·‖ΔW‖_F more. By Weyl, the truncation error then exceeds the float64 optimum by
+        # at most 2‖δ‖ + that rounding, whatever the spectrum: `noise` = 10·√r·ε₃₂·‖ΔW‖_F (≈ 28 ε₃₂ at
+        # r = 8; measured ≤ 6 ε₃₂). Where ΔW has rank ≤ r the optimum is exact (err_opt ~ 1e-15) and both
+        # lorahub's and PEFT's errors are nothing but this float32 noise, which varies with the BLAS
+        # thread count (5.6e-7 vs 3.7e-7 on 2 cores): compare each with the optimum, not with each other.
+        noise = 10 * math.sqrt(rank) * FP32_EPS * norm
+        assert err_ours <= err_opt + noise
+        # the matrix itself is the optimum up to that noise, amplified by the gap at the cut (Wedin):
+        # the truncated SVD moves by ~‖δ‖·σ₀/(σ_r − σ_{r+1})
+        gap = S[rank - 1] - (S[rank] if rank < len(S) else 0.0)
+        assert np.linalg.norm(ours_delta - optimal) <= noise * (1 + S[0] / gap)
+        # the singular values of what we wrote are the top ones of the exact sum (Weyl: within ‖δ‖₂ ≤ noise)
         ours_S = np.linalg.svd(ours_delta, compute_uv=False)[:rank]
-        assert np.allclose(ours_S, S[:rank], rtol=1e-5, atol=1e-6 * S[0])
+        assert np.abs(ours_S - S[:rank]).max() <= noise
         entry = next(l for l in report.layers if l.target == target)
         assert entry.energy_retained == pytest.approx(float((S[:rank] ** 2).sum() / (S ** 2).sum()), rel=1e-6)
-        assert entry.rel_error == pytest.approx(np.linalg.norm(target_exact - optimal) / np.linalg.norm(target_exact),
-                                                rel=1e-4, abs=1e-6)
-        # PEFT 0.21: svd builds dense deltas (scale applied once, PR #3111) and truncates to max r = 8
-        peft = _peft_raw_product(modules[target], "mix").double().numpy()
-        err_ours = np.linalg.norm(ours_delta - target_exact)
+        assert entry.rel_error == pytest.approx(err_opt / norm, rel=1e-4, abs=1e-6)
+        # PEFT 0.21: svd builds dense deltas (scale applied once, PR #3111) and truncates to max r = 8. Its
+        # factors' product, taken in float64 (a float32 product adds full-rank rounding), has rank ≤ 8, so it
+        # cannot beat the float64 optimum (float64 rounding aside) ...
+        module = modules[target]
+        peft = (module.lora_B["mix"].weight.detach().double() @ module.lora_A["mix"].weight.detach().double()).numpy()
         err_peft = np.linalg.norm(peft - target_exact)
-        assert err_ours <= err_peft * (1 + 1e-5) + 1e-7 * np.linalg.norm(target_exact)
+        assert err_opt <= err_peft * (1 + 1e-9) + 1e-12 * norm
+        # ... and lorahub is never worse than PEFT beyond float32 noise
+        assert err_ours <= err_peft + noise
 
 
 def test_linear_equals_peft_linear(tiny_llama_dir, lora_a, lora_c, tmp_path):
@@ -323,11 +345,11 @@ def test_peft_reloads_dynamic_ranks_with_rank_pattern(tiny_llama_dir, lora_a, lo
 def test_interpolate_is_exact(lora_a, lora_b, tmp_path):
     runner = CliRunner()
     out = tmp_path / "quarter"
-    result = runner.invoke(cli, ["interpolate", str(lora_a), str(lora_b), "--t", "0.25", "--out", str(out),
+    result = runner.invoke(cli, ["interpolate", str(lora_a), str(lora_b), "-t", "0.25", "--out", str(out),
                                  "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
-    assert report["method"] == "cat" and report["weights"] == [0.75, 0.25]
+    report = json.loads(result.stdout)
+    assert report["method"] == "cat" and [a["weight"] for a in report["adapters"]] == [0.75, 0.25]
     ours = load_adapter(out)
     exact = _exact_sum([lora_a, lora_b], [0.75, 0.25])
     for target, layer in ours.layers.items():
@@ -470,8 +492,8 @@ def test_cli_blend_json_report_and_exit_codes(lora_a, lora_b, tmp_path):
     result = runner.invoke(cli, ["blend", str(lora_a), str(lora_b), "--weights", "-0.5,1", "--rank", "4",
                                  "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
-    assert report["method"] == "svd" and report["weights"] == [-0.5, 1.0]
+    report = json.loads(result.stdout)
+    assert report["method"] == "svd" and [a["weight"] for a in report["adapters"]] == [-0.5, 1.0]
     assert report["summary"]["rank_max"] == 4 and report["layers"]
     for layer in report["layers"]:
         assert 0.0 < layer["energy_retained"] <= 1.0
@@ -482,12 +504,12 @@ def test_cli_blend_json_report_and_exit_codes(lora_a, lora_b, tmp_path):
                                  "--out", str(tmp_path / "h")])
     assert result.exit_code == 0, result.output
     assert "energy" in result.output or "rank" in result.output
-    # user errors: 1; usage errors: 2
+    # option errors are usage errors: 2 (README), whether Click or the method registry finds them
     bad = runner.invoke(cli, ["blend", str(lora_a), str(lora_b), "-w", "1", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "2 adapters but 1 weights" in bad.output
+    assert bad.exit_code == 2 and "2 adapters but 1 weights" in bad.output
     bad = runner.invoke(cli, ["blend", str(lora_a), str(lora_b), "-w", "1,1", "--method", "ties",
                               "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "--density" in bad.output
+    assert bad.exit_code == 2 and "--density" in bad.output
     usage = runner.invoke(cli, ["blend", str(lora_a), "--out", str(tmp_path / "x")])
     assert usage.exit_code == 2
     assert not (tmp_path / "x").exists()
@@ -653,7 +675,7 @@ def test_option_checks_come_from_the_declared_ranges(lora_a, lora_c):
     runner = CliRunner()
     bad = runner.invoke(cli, ["blend", str(lora_a), str(lora_c), "-w", "1,1", "--method", "dare_ties",
                               "--density", "0", "--out", "x"])
-    assert bad.exit_code == 1 and "--density must be in (0, 1]" in bad.output
+    assert bad.exit_code == 2 and "--density must be in (0, 1]" in bad.output
     assert runner.invoke(cli, ["blend", str(lora_a), str(lora_c), "-w", "1,1", "--rank", "0", "--out", "x"]).exit_code == 2
 
 

@@ -251,7 +251,7 @@ def test_convert_json(tmp_path, peft_lora_dir):
         downs = [k for k in handle.keys() if k.endswith(".lora_down.weight")]
     with safe_open(str(peft_lora_dir / "adapter_model.safetensors"), "pt") as handle:
         peft_modules = {k[: -len(".lora_A.weight")] for k in handle.keys() if k.endswith(".lora_A.weight")}
-    assert payload["from"] == "peft" and payload["to"] == "kohya" and Path(payload["out"]) == out
+    assert payload["from"] == "peft" and payload["format"] == "kohya" and Path(payload["out"]) == out
     assert payload["modules"] == len(downs) == len(peft_modules)
 
 
@@ -277,10 +277,10 @@ def test_registry_add_json(tmp_path, monkeypatch, tiny_llama_sharded_dir):
     for shard in tiny_llama_sharded_dir.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as handle:
             shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})
-    assert payload["name"] == "tiny-json" and Path(payload["path"]).is_file()
+    assert payload["name"] == "tiny-json" and Path(payload["out"]).is_file()
     assert payload["tensors"] == len(shapes)
     assert payload["params"] == sum(torch.Size(s).numel() for s in shapes.values())
-    assert json.loads(Path(payload["path"]).read_text())["name"] == "tiny-json"
+    assert json.loads(Path(payload["out"]).read_text())["name"] == "tiny-json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def coloured_runs(tmp_path_factory, tiny_llama_dir, peft_lora_dir, peft_wide_dir
     work = tmp_path_factory.mktemp("nocolor")
     commands = {
         "error": ["inspect", str(work / "missing")],
-        "inspect": ["inspect", str(peft_lora_dir), "--layers"],
+        "inspect": ["inspect", str(peft_lora_dir), "--all-layers"],
         "validate": ["validate", str(peft_wide_dir), "--base", str(tiny_llama_dir)],
         "registry": ["registry", "list"],
         "merge": ["merge", "--base", str(tiny_llama_dir), str(peft_lora_dir), "--out", "OUT", "--device", "cpu"],
@@ -390,7 +390,7 @@ def test_no_command_modifies_its_inputs(tmp_path, tiny_llama_dir, tiny_llama_sha
         ("resize", peft_rslora_dir, "--rank", "2", "--out", tmp_path / "r"),
         ("resize", kohya_unet_file, "--rank", "2", "--out", tmp_path / "r.safetensors"),
         ("blend", peft_lora_dir, peft_rslora_dir, "-w", "0.5,-1", "--out", tmp_path / "b"),
-        ("interpolate", peft_lora_dir, peft_rslora_dir, "--t", "0.3", "--out", tmp_path / "i"),
+        ("interpolate", peft_lora_dir, peft_rslora_dir, "-t", "0.3", "--out", tmp_path / "i"),
         ("merge", "--base", tiny_llama_sharded_dir, f"{peft_lora_dir}:0.5", peft_dora_dir, "--out", merged,
          "--device", "cpu"),
         ("merge", "--base", tiny_unet_dir, kohya_unet_file, "--out", tmp_path / "unet", "--device", "cpu"),

@@ -69,7 +69,7 @@ def test_inspect_matches_peft(request, fixture, model_cls):
     assert info["rslora"] == bool(config.get("use_rslora"))
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as handle:
         total = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
-    assert info["trainable_parameters"] == total
+    assert info["params"] == total
     assert info["nonfinite"] == []
 
 
@@ -104,7 +104,7 @@ def test_inspect_kohya_file(kohya_unet_file):
 
 
 def test_inspect_human_output_and_layers(peft_lora_dir):
-    result = run_cli("inspect", peft_lora_dir, "--layers", check=True)
+    result = run_cli("inspect", peft_lora_dir, "--all-layers", check=True)
     assert "q_proj ×2" in result.stdout
     assert "model.layers.1.mlp.down_proj" in result.stdout
 

@@ -314,8 +314,8 @@ def test_validation_refuses_mismatch(tmp_path, tiny_llama_dir, peft_wide_dir):
     result = CliRunner().invoke(cli, ["merge", "--base", str(tiny_llama_dir), str(peft_wide_dir),
                                       "--out", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 1, result.output
-    payload = json.loads(result.output)
-    assert payload["ok"] is False and payload["validation"]["problems"]
+    payload = json.loads(result.stdout)
+    assert payload["ok"] is False and payload["exit_code"] == 1 and payload["validation"]["problems"]
     assert not (tmp_path / "out").exists()
 
 
@@ -524,7 +524,7 @@ def test_cli_merge_unmerge_json(tmp_path, tiny_llama_bf16_dir, peft_lora_dir):
 def test_cli_device_errors(tmp_path, tiny_llama_dir, peft_lora_dir):
     result = CliRunner().invoke(cli, ["merge", "--base", str(tiny_llama_dir), str(peft_lora_dir), "--out",
                                       str(tmp_path / "o"), "--device", "tpu"])
-    assert result.exit_code == 1 and "device" in result.output
+    assert result.exit_code == 2 and "device" in result.output  # not a device: a usage error
     if not torch.cuda.is_available():
         result = CliRunner().invoke(cli, ["merge", "--base", str(tiny_llama_dir), str(peft_lora_dir), "--out",
                                           str(tmp_path / "o"), "--device", "cuda"])

@@ -492,8 +492,8 @@ def test_demo_reruns_in_its_workdir_but_never_deletes_a_folder_it_did_not_write(
     run_cli("demo", "--workdir", workdir, "--json", check=True)
     run_cli("demo", "--workdir", workdir, "--json", check=True)  # its own outputs are replaced
     other = tmp_path / "models"
-    (other / "tiny-llama").mkdir(parents=True)
-    (other / "tiny-llama" / "my-weights.safetensors").write_bytes(b"precious")
+    (other / "merged").mkdir(parents=True)  # a folder with the name of one of the demo's outputs
+    (other / "merged" / "my-weights.safetensors").write_bytes(b"precious")
     line = _error(run_cli("demo", "--workdir", other))
     assert "my-weights.safetensors" in line, line
-    assert (other / "tiny-llama" / "my-weights.safetensors").read_bytes() == b"precious"
+    assert (other / "merged" / "my-weights.safetensors").read_bytes() == b"precious"

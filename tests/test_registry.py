@@ -149,7 +149,7 @@ def test_registry_add_local_then_validate_offline(user_home, tiny_llama_sharded_
     assert run_cli("registry", "add", tiny_llama_sharded_dir, "--name", "tiny-llama", "--overwrite").returncode == 0
     builtin = run_cli("registry", "add", tiny_llama_sharded_dir, "--name", "gpt2")
     assert builtin.returncode == 1 and "built-in" in builtin.stderr
-    assert run_cli("registry", "add", tiny_llama_sharded_dir, "--name", "Bad Name!").returncode == 1
+    assert run_cli("registry", "add", tiny_llama_sharded_dir, "--name", "Bad Name!").returncode == 2  # usage
     # remove: yours only
     assert run_cli("registry", "remove", "gpt2").returncode == 1
     assert run_cli("registry", "remove", "tiny-llama").returncode == 0

@@ -61,8 +61,8 @@ def test_peft_fixed_rank_loads_in_peft_and_is_optimal(tmp_path, tiny_llama_dir, 
     out = tmp_path / "r3"
     result = run_cli("resize", peft_rslora_dir, "--rank", 3, "--out", out, "--json")
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
-    assert payload["format"] == "peft" and payload["summary"]["layers"] == 10
+    payload = json.loads(result.stdout)
+    assert payload["format"] == "peft" and payload["modules"] == 10 and payload["rank"] == 3
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 3 and config["use_rslora"] is True
     source = load_adapter(peft_rslora_dir)
@@ -194,10 +194,10 @@ def test_refuses_dora_and_bad_arguments(tmp_path, peft_dora_dir, peft_lora_dir):
     with pytest.raises(LorahubError, match="needs --param"):
         resize_adapter(load_adapter(peft_lora_dir), method="sv_fro")
     assert not (tmp_path / "d").exists()
-    for args in (["--method", "sv_fro"], ["--param", "0.5"], ["--rank", "0"],
-                 ["--method", "sv_fro", "--param", "2"], ["--method", "sv_ratio", "--param", "0.5"]):
+    for args in (["--rank-method", "sv_fro"], ["--param", "0.5"], ["--rank", "0"],
+                 ["--rank-method", "sv_fro", "--param", "2"], ["--rank-method", "sv_ratio", "--param", "0.5"]):
         result = run_cli("resize", peft_lora_dir, *args, "--out", tmp_path / "x")
-        assert result.exit_code != 0, args
+        assert result.exit_code == 2, args  # usage errors
         assert not (tmp_path / "x").exists()
     (tmp_path / "exists").mkdir()
     assert run_cli("resize", peft_lora_dir, "--rank", 2, "--out", tmp_path / "exists").exit_code == 1

@@ -17,7 +17,7 @@ import torch
 
 from ..adapter import ST_DTYPES, Adapter, LazyTensor, LoraLayer
 from ..devices import map_layers, resolve_device
-from ..errors import LorahubError, UnsupportedError
+from ..errors import LorahubError, OptionError, UnsupportedError
 from .registry import (
     DEFAULT_METHOD,
     BlendMethod,
@@ -222,12 +222,12 @@ def shared_full_tensors(adapters: Sequence[Adapter], *, drop: bool = False) -> t
 def _check_options(opts: BlendOptions, n_adapters: int, n_weights: int) -> BlendMethod:
     method = get_method(opts.method)
     if n_adapters < 1:
-        raise LorahubError("blend needs at least one adapter")
+        raise OptionError("blend needs at least one adapter")
     if n_weights != n_adapters:
-        raise LorahubError(f"{n_adapters} adapters but {n_weights} weights; give one weight per adapter")
+        raise OptionError(f"{n_adapters} adapters but {n_weights} weights; give one weight per adapter")
     check_method_options(opts)
     if opts.dtype is not None and opts.dtype not in OUTPUT_DTYPES:
-        raise LorahubError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {opts.dtype!r}")
+        raise OptionError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {opts.dtype!r}")
     return method
 
 
@@ -254,7 +254,7 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     weights = [float(w) for w in weights]
     method = _check_options(opts, len(adapters), len(weights))
     if not all(math.isfinite(w) for w in weights):
-        raise LorahubError(f"weights must be finite numbers, got {weights}")
+        raise OptionError(f"weights must be finite numbers, got {weights}")
     check_compatible(adapters, allow_base_mismatch=opts.allow_base_mismatch)
     full_tensors, dropped_full = shared_full_tensors(adapters, drop=opts.drop_full_tensors)
     device = resolve_device(opts.device)
@@ -316,7 +316,7 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
 def interpolate(a: Adapter, b: Adapter, t: float, options: BlendOptions | None = None, **kwargs: Any) -> BlendResult:
     """(1 − t)·A + t·B, exactly with the default method `cat` (any other method via options)."""
     if not math.isfinite(float(t)):
-        raise LorahubError(f"t must be a finite number, got {t}")
+        raise OptionError(f"t must be a finite number, got {t}")
     opts = options or BlendOptions(method="cat")
     return blend([a, b], [1.0 - float(t), float(t)], opts, **kwargs)
 
@@ -331,7 +331,7 @@ def parse_weights(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.replace(" ", "").split(",") if part != ""]
     except ValueError:
-        raise LorahubError(f"--weights must be comma-separated numbers like 0.7,0.3, got {text!r}") from None
+        raise OptionError(f"--weights must be comma-separated numbers like 0.7,0.3, got {text!r}") from None
     if not values:
-        raise LorahubError("--weights is empty")
+        raise OptionError("--weights is empty")
     return values

@@ -8,15 +8,14 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import LorahubError
+from ..errors import OptionError
 from ..lowrank import METHODS as RANK_METHODS
-from ..lowrank import LowRankSVD, choose_rank, retention, split_factors
+from ..lowrank import SPLITS, LowRankSVD, choose_rank, retention, split_factors
 from .registry import LayerContext, Param, Term
 
 if TYPE_CHECKING:
     from .api import BlendOptions
 
-SPLITS = ("balanced", "up", "down")
 # a layer whose exact sum is below this fraction of Σ|cᵢ|·‖Bᵢ‖·‖Aᵢ‖ cancelled out (A − A): fp32 SVD
 # of such a sum is rounding noise, so the layer is dropped instead of written as noise
 CANCEL_TOLERANCE = 1e-5
@@ -44,10 +43,10 @@ def check_rank_rule(opts: BlendOptions) -> None:
     """--rank-method and --param go together; the rule's own parameter checks run once, before any layer."""
     if opts.rank_method != "fixed":
         if opts.param is None:
-            raise LorahubError(f"--rank-method {opts.rank_method} needs --param")
+            raise OptionError(f"--rank-method {opts.rank_method} needs --param")
         choose_rank(torch.ones(1), rank=opts.rank or 1, method=opts.rank_method, param=opts.param)
     elif opts.param is not None:
-        raise LorahubError("--param goes with --rank-method sv_ratio|sv_fro|sv_cumulative")
+        raise OptionError("--param goes with --rank-method sv_ratio|sv_fro|sv_cumulative")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import LorahubError
+from ..errors import OptionError
 
 if TYPE_CHECKING:
     from .api import BlendOptions
@@ -126,23 +126,23 @@ class Param:
         return low and (self.max is None or value <= self.max)
 
     def check(self, value: Any, method: str) -> None:
-        """Raise LorahubError (exit 1) when `value` is missing, not a choice or out of range."""
+        """Raise OptionError (a usage error, exit 2) when `value` is missing, not a choice or out of range."""
         if value is None:
             if self.required:
                 detail = ", ".join(part for part in (self.help, self.range_text()) if part)
-                raise LorahubError(f"method {method} needs {self.flag} ({detail})")
+                raise OptionError(f"method {method} needs {self.flag} ({detail})")
             return
         if self.choices is not None:
             if value not in self.choices:
-                raise LorahubError(f"{self.flag} must be {_either(self.choices)}, got {value!r}")
+                raise OptionError(f"{self.flag} must be {_either(self.choices)}, got {value!r}")
             return
         if self.type in (int, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise LorahubError(f"{self.flag} must be a number, got {value!r}")
+                raise OptionError(f"{self.flag} must be a number, got {value!r}")
             if self.type is int and not float(value).is_integer():
-                raise LorahubError(f"{self.flag} must be an integer, got {value!r}")
+                raise OptionError(f"{self.flag} must be an integer, got {value!r}")
             if not self.in_range(value):
-                raise LorahubError(f"{self.flag} must be {self.range_text()}, got {_num(value)}"
+                raise OptionError(f"{self.flag} must be {self.range_text()}, got {_num(value)}"
                                    + (f": {self.why}" if self.why else ""))
 
 
@@ -214,7 +214,7 @@ def get_method(name: str) -> BlendMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise LorahubError(f"unknown method {name!r}; choose one of {', '.join(method_names())}") from None
+        raise OptionError(f"unknown method {name!r}; choose one of {', '.join(method_names())}") from None
 
 
 def declarations() -> dict[str, list[Param]]:
@@ -269,7 +269,7 @@ def check_method_options(opts: BlendOptions) -> BlendMethod:
             first.check(value, method.name)
             continue
         note = f" ({method.name}'s rank: {method.rank.replace('`', '')})" if name == "rank" and method.rank else ""
-        raise LorahubError(f"{first.flag} applies to {who(users(name))}, not {method.name}{note}")
+        raise OptionError(f"{first.flag} applies to {who(users(name))}, not {method.name}{note}")
     for check in method.checks:
         check(opts)
     return method

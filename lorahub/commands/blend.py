@@ -1,6 +1,7 @@
 """`lorahub blend A B [C …] --weights … --out DST` and `lorahub interpolate A B --t T --out DST`."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -8,10 +9,11 @@ import click
 from rich.markup import escape
 
 from ..blend import DEFAULT_METHOD, RANK_METHODS, BlendOptions, blend, method_names, parse_weights
-from ..blend.registry import declarations, describe_param, method_help, shared_range
-from ..errors import LorahubError
+from ..blend.registry import check_method_options, declarations, describe_param, method_help, shared_range
+from ..errors import OptionError
 from ..options import (
     adapter_input_options,
+    all_layers_option,
     device_option,
     dtype_option,
     json_option,
@@ -22,8 +24,9 @@ from ..options import (
     rank_method_option,
     rank_option,
     rank_param_option,
+    torch_dtype_name,
 )
-from ..ui import console, print_json, step_progress, table
+from ..ui import console, ok_payload, print_json, step_progress, table
 
 # the methods and their options come from the blend method registry (lorahub/blend/registry.py)
 METHOD_CHOICES = list(method_names())
@@ -38,8 +41,8 @@ SHARED_OPTIONS: dict[str, Callable[..., Callable]] = {
 def method_param_options() -> list[Callable]:
     """One option per method parameter declared in the registry: its type, choices, default and help.
 
-    A range every method agrees on is checked by Click (a usage error, exit 2); one that depends on the
-    method (DARE's density) is checked by blend once the method is known (exit 1).
+    A range every method agrees on is checked by Click; one that depends on the method (DARE's density)
+    is checked once the method is known, before any adapter is read. Both are usage errors (exit 2).
     """
     options = []
     for name, declared in declarations().items():
@@ -78,15 +81,15 @@ def blend_options(default_method: str) -> Callable:
                          help=method_help() + " sv_ratio / sv_fro / sv_cumulative: svd with that --rank-method."),
             *method_param_options(),
             output_format_option(help="Output format (default: the first input's)."),
-            dtype_option(["float32", "float16", "bfloat16"], help="Output factor dtype (default: the first input's)."),
+            dtype_option(help="dtype of the written factors: auto keeps the first input's; or fp32, fp16, bf16."),
             device_option(),
             click.option("--allow-base-mismatch", is_flag=True,
                          help="Accept different base model *names* (shapes are still checked)."),
             click.option("--drop-full-tensors", is_flag=True,
                          help="Leave out modules_to_save / saved embedding copies that differ between "
                               "the inputs (they cannot be weighted) instead of refusing."),
-            click.option("--all-layers", is_flag=True, help=f"Print every layer (default: all up to "
-                                                            f"{TABLE_LIMIT}, else the worst)."),
+            all_layers_option(help=f"Print every layer (default: all up to {TABLE_LIMIT}, else the 10 with "
+                                   f"the least energy kept)."),
         ]
         for option in reversed(options):
             func = option(func)
@@ -124,7 +127,8 @@ def blend_command(adapters, weights_text, **kwargs):
 @click.command("interpolate")
 @click.argument("adapter_a")
 @click.argument("adapter_b")
-@click.option("--t", "t", type=float, required=True, help="Position between A (t = 0) and B (t = 1).")
+@click.option("-t", "--t", "t", type=float, required=True,
+              help="Position between A (t = 0) and B (t = 1); outside [0, 1] extrapolates.")
 @blend_options("cat")
 @adapter_input_options
 @json_option
@@ -136,27 +140,36 @@ def interpolate_command(adapter_a, adapter_b, t, **kwargs):
 
     \b
     Examples:
-      lorahub interpolate base-style/ new-style/ --t 0.25 --out quarter/
-      lorahub interpolate a/ b/ --t 0.5 --method svd --rank 16 --out half-r16/
+      lorahub interpolate base-style/ new-style/ -t 0.25 --out quarter/
+      lorahub interpolate a/ b/ -t 0.5 --method svd --rank 16 --out half-r16/
     """
+    if not math.isfinite(t):
+        raise OptionError(f"-t must be a finite number, got {t}")
     _run([adapter_a, adapter_b], [1.0 - t, t], **kwargs)
 
 
 def _run(adapter_args, weights, *, out, overwrite, method, to_format, dtype, device, allow_base_mismatch,
          drop_full_tensors, all_layers, input_format, allow_pickle, as_json, **method_params):
-    from ..formats import FORMATS, adapter_sources, reserve_output, save_adapter
+    import time
 
+    from ..formats import FORMATS, adapter_sources, reserve_output, save_adapter
+    from ..payloads import adapter_fields
+
+    # every option check runs before any adapter is read: a usage error is a usage error (exit 2)
     if len(adapter_args) != len(weights):
-        raise LorahubError(f"{len(adapter_args)} adapters but {len(weights)} weights; give one weight per "
-                           f"adapter")
+        raise OptionError(f"{len(adapter_args)} adapters but {len(weights)} weights; give one weight per "
+                          f"adapter")
     if method in DYNAMIC_RANK_METHODS:
         rank_method = method_params["rank_method"]
         if rank_method not in ("fixed", method):
             raise click.UsageError(f"--method {method} already sets the rank rule; drop --rank-method {rank_method}")
         method, method_params["rank_method"] = "svd", method
-    adapters = [open_adapter(arg, input_format, allow_pickle) for arg in adapter_args]
-    options = BlendOptions(method=method, device=device, dtype=dtype, allow_base_mismatch=allow_base_mismatch,
+    options = BlendOptions(method=method, device=device, dtype=torch_dtype_name(dtype),
+                           allow_base_mismatch=allow_base_mismatch,
                            drop_full_tensors=drop_full_tensors).with_values(**method_params)
+    check_method_options(options)
+    start = time.perf_counter()
+    adapters = [open_adapter(arg, input_format, allow_pickle) for arg in adapter_args]
     total = len({t for a in adapters for t in a.layers})
     fmt = to_format or (adapters[0].format if adapters[0].format in FORMATS else "peft")
     # --out is checked and locked before the work, not after it
@@ -166,13 +179,26 @@ def _run(adapter_args, weights, *, out, overwrite, method, to_format, dtype, dev
         written = save_adapter(result.adapter, Path(out), to_format, overwrite=overwrite,
                                inputs=[("adapter", p) for a in adapters for p in adapter_sources(a)])
     report = result.report.to_dict()
-    report["out"] = str(written)
-    report["format"] = to_format or result.adapter.format
-    report["params"] = result.adapter.num_params
+    summary = {k: v for k, v in report["summary"].items() if k != "layers"}
+    warnings = []
+    if report["dropped_full_tensors"]:
+        warnings.append(f"left out full tensors: {', '.join(report['dropped_full_tensors'])}")
+    if summary["dropped"]:
+        warnings.append(f"{len(summary['dropped'])} modules left out (their sum is zero): "
+                        + ", ".join(summary["dropped"][:5]) + (" …" if len(summary["dropped"]) > 5 else ""))
+    payload = {
+        "adapters": [{"path": str(adapter.path), "weight": weight}
+                     for adapter, weight in zip(adapters, report["weights"])],
+        "out": str(written), "format": to_format or result.adapter.format, **adapter_fields(result.adapter),
+        "method": report["method"], "options": report["options"], "device": report["device"],
+        "seconds": round(time.perf_counter() - start, 3), "summary": summary,
+        "dropped_full_tensors": report["dropped_full_tensors"], "warnings": warnings,
+        "layers": report["layers"],
+    }
     if as_json:
-        print_json(report)
+        print_json(ok_payload(payload))
         return
-    _render(report, all_layers)
+    _render(payload, all_layers)
 
 
 def _fmt(value) -> str:
@@ -183,21 +209,17 @@ def _fmt(value) -> str:
 
 def _render(report: dict, all_layers: bool) -> None:
     summary = report["summary"]
-    weights = ", ".join(f"{w:g}" for w in report["weights"])
-    console.print(f"blended {len(report['sources'])} adapters ({weights}) with {report['method']} on "
-                  f"{report['device']}: {summary['layers']} modules, rank "
-                  f"{summary['rank_min']}" + (f"–{summary['rank_max']}" if summary['rank_max'] != summary['rank_min']
-                                              else "") + f", {report['params']:,} parameters")
+    weights = ", ".join(f"{a['weight']:g}" for a in report["adapters"])
+    ranks = f"{summary['rank_min']}" + (f"–{summary['rank_max']}" if summary["rank_max"] != summary["rank_min"] else "")
+    console.print(f"blended {len(report['adapters'])} adapters ({weights}) with {report['method']} on "
+                  f"{report['device']}: {report['modules']} modules, rank {ranks}, {report['params']:,} parameters")
     if summary["energy_retained_min"] is not None:
         console.print(f"energy kept by truncation: mean {summary['energy_retained_mean']:.6f}, "
                       f"min {summary['energy_retained_min']:.6f}")
     if summary["rel_error_max"] is not None:
         console.print(f"largest relative error against the exact weighted sum: {summary['rel_error_max']:.3g}")
-    if report["dropped_full_tensors"]:
-        console.print(f"[yellow]left out full tensors:[/] {escape(', '.join(report['dropped_full_tensors']))}")
-    if summary["dropped"]:
-        console.print(f"[yellow]{len(summary['dropped'])} modules left out (their sum is zero):[/] "
-                      + ", ".join(summary["dropped"][:5]) + (" …" if len(summary["dropped"]) > 5 else ""))
+    for line in report["warnings"]:
+        console.print(f"[yellow]{escape(line)}[/]")
     layers = report["layers"]
     title = "layers"
     if len(layers) > TABLE_LIMIT and not all_layers:

@@ -12,7 +12,7 @@ from ..options import (
     output_format_option,
     overwrite_option,
 )
-from ..ui import console, print_json, warn
+from ..ui import console, ok_payload, print_json, warn
 
 
 @click.command("convert")
@@ -34,10 +34,15 @@ def convert_command(src, to_format, out, overwrite, drop_full_tensors, input_for
       lorahub convert ./peft-lora --to kohya --out lora.safetensors
       lorahub convert lora.safetensors --to peft --out ./peft-lora
     """
+    import time
+
+    start = time.perf_counter()
     adapter = open_adapter(src, input_format, allow_pickle)
     result = convert_adapter(adapter, out, to_format, drop_full_tensors=drop_full_tensors, overwrite=overwrite)
     if as_json:
-        print_json(result)
+        print_json(ok_payload({"path": str(adapter.path), "out": result["out"], "from": result["from"],
+                               "format": result["to"], "modules": result["modules"],
+                               "seconds": round(time.perf_counter() - start, 3), "warnings": result["warnings"]}))
     else:
         console.print(f"converted {result['modules']} modules from {result['from']} to {result['to']}: "
                       f"{result['out']}", markup=False)

@@ -5,7 +5,7 @@ import click
 from rich.markup import escape
 
 from ..options import json_option, out_option, overwrite_option
-from ..ui import console, err_console, print_json
+from ..ui import console, err_console, ok_payload, print_json
 
 
 def _prompt_choice(labels: list[str]) -> int:
@@ -51,9 +51,12 @@ def pull_command(repo, revision, out, overwrite, include, no_inspect, as_json):
         info = inspect_adapter(result.path)
     if as_json:
         payload = result.as_dict()
+        payload["out"] = None if out is None else str(result.path)
         if info is not None:
-            payload["inspect"] = info
-        print_json(payload)
+            from .inspect import inspect_payload
+
+            payload["inspect"] = {k: v for k, v in inspect_payload(info).items() if k != "ok"}
+        print_json(ok_payload(payload))
         return
     click.echo(str(result.path))
     commit = f" (commit {result.commit})" if result.commit else ""
@@ -66,7 +69,7 @@ def pull_command(repo, revision, out, overwrite, include, no_inspect, as_json):
 
 
 @click.command("push")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path")  # a missing adapter is invalid input (exit 1), as in every command, not a usage error
 @click.argument("repo")
 @click.option("--private", is_flag=True, help="Create the repository as private (when it does not exist).")
 @click.option("--revision", "-r", default=None, metavar="BRANCH", help="Branch to commit to (created if missing).")
@@ -96,7 +99,7 @@ def push_command(path, repo, private, revision, message, create_pr, base, as_jso
     result = push(path, repo, private=private, revision=revision, message=message, create_pr=create_pr,
                   base=base, on_progress=None if as_json else (lambda text: err_console.print(text)))
     if as_json:
-        print_json(result.as_dict())
+        print_json(ok_payload({"path": str(path), **result.as_dict()}))
         return
     if result.pr_url:
         console.print(escape(f"opened pull request {result.pr_url}"))

@@ -7,21 +7,21 @@ import click
 from rich.table import Table
 
 from ..inspect import inspect_adapter, nonfinite_error
-from ..options import adapter_input_options, json_option, resolve_path
-from ..ui import console, error_line, human_bytes, print_json, table
+from ..options import adapter_input_options, all_layers_option, json_option, resolve_path
+from ..ui import console, error_line, error_payload, human_bytes, ok_payload, print_json, table
 
 
 @click.command("inspect")
 @click.argument("path")
 @adapter_input_options
-@click.option("--layers", is_flag=True, help="Print the per-layer table.")
+@all_layers_option(help="Print the per-layer table (every layer).")
 @click.option("--spectrum", is_flag=True,
               help="Singular values of every layer (exact, from the factors) and its effective rank "
                    "(how many singular values carry 99% of the energy).")
 @click.option("--headers-only", is_flag=True, help="Read safetensors headers only: no hashes, no NaN/Inf scan.")
 @json_option
 @click.pass_context
-def inspect_command(ctx, path, input_format, allow_pickle, layers, spectrum, headers_only, as_json):
+def inspect_command(ctx, path, input_format, allow_pickle, all_layers, spectrum, headers_only, as_json):
     """Describe an adapter: format, base model, ranks, alphas, scales, targets, hashes, NaN/Inf.
 
     PATH is a PEFT directory, a kohya/A1111, diffusers or LyCORIS .safetensors file, or
@@ -30,19 +30,29 @@ def inspect_command(ctx, path, input_format, allow_pickle, layers, spectrum, hea
     \b
     Examples:
       lorahub inspect ./my-lora/
-      lorahub inspect style.safetensors --layers
+      lorahub inspect style.safetensors --all-layers
       lorahub inspect hf://alice/llama-lora@v1 --json
     """
     info = inspect_adapter(resolve_path(path), format=None if input_format == "auto" else input_format,
                            allow_pickle=allow_pickle, read_data=not headers_only, spectrum=spectrum)
     problem = nonfinite_error(info)
     if as_json:
-        print_json(info)
+        print_json(inspect_payload(info, problem))
     else:
-        render(info, show_layers=layers or spectrum)
+        render(info, show_layers=all_layers or spectrum)
     if problem is not None:
         error_line(str(problem))
         ctx.exit(1)
+
+
+def inspect_payload(info: dict, problem: Exception | None = None) -> dict:
+    """inspect's dict as JSON (docs/json.md): `ok` first, `params` for the parameter count; NaN/Inf
+    values make it a failed check (`ok` false, `error`, `exit_code` 1) that still carries the report."""
+    body = {("params" if key == "trainable_parameters" else key): value for key, value in info.items()}
+    body.setdefault("warnings", [])
+    if problem is None:
+        return ok_payload(body)
+    return error_payload(str(problem), 1, **body)
 
 
 def _dist(info, key) -> str:

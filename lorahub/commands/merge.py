@@ -7,23 +7,20 @@ from typing import TYPE_CHECKING, Sequence
 import click
 from rich.markup import escape
 
-from ..errors import LorahubError
+from ..errors import OptionError
 from ..options import adapter_input_options, device_option, dtype_option, json_option, out_option, overwrite_option
-from ..ui import byte_progress, console, human_bytes, print_json, warn
+from ..ui import byte_progress, console, error_line, error_payload, human_bytes, ok_payload, print_json, warn
 
 if TYPE_CHECKING:
     from ..merge import AdapterInput
-
-_DTYPES = ["auto", "fp32", "fp16", "bf16"]
 
 
 def _common_options(func):
     func = adapter_input_options(func)
     func = overwrite_option()(func)
     func = device_option()(func)
-    func = dtype_option(_DTYPES, default="auto",
-                        help="Output dtype of floating-point tensors (auto: keep each tensor's dtype; "
-                             "a change rewrites every file).")(func)
+    func = dtype_option(help="Output dtype of floating-point tensors: auto keeps each tensor's dtype; fp32, "
+                             "fp16 or bf16 rewrites every file.")(func)
     func = out_option(metavar="DIR",
                       help="Output directory (written beside it first, renamed into place when complete).")(func)
     return func
@@ -42,7 +39,7 @@ def parse_adapter_arg(arg: str) -> tuple[str, float | None]:
         except ValueError:
             return arg, None
         if not math.isfinite(weight):
-            raise LorahubError(f"adapter weight must be a finite number, got '{tail}'", path=head)
+            raise OptionError(f"adapter weight must be a finite number, got '{tail}'", path=head)
         return head, weight
     return arg, None
 
@@ -61,31 +58,46 @@ def load_inputs(args: Sequence[str], *, input_format: str | None = None,
     return inputs
 
 
-def _run(ctx, operation, as_json, call):
+def _run(ctx, operation, base, inputs, as_json, call):
     from ..errors import CheckFailed
 
     try:
         result = call(lambda total: byte_progress(f"{operation} → write", total))
     except CheckFailed as exc:
         report = exc.report
-        if as_json:
-            print_json({"ok": False, "error": str(exc),
-                        "validation": report.to_dict() if hasattr(report, "to_dict") else None})
-        else:
+        message = f"{operation} refused: {exc}"
+        if not as_json and report is not None:
             from .validate import render
 
-            if report is not None:
-                render(report)
-            console.print(f"[red]{operation} refused:[/] the adapter does not fit the base; nothing was written")
+            render(report)
+        error_line(message)
+        if as_json:
+            from .validate import validation_payload
+
+            print_json(error_payload(message, 1, validation=validation_payload(report)
+                                     if hasattr(report, "to_dict") else None))
         ctx.exit(1)
     if as_json:
-        payload = result.to_dict()
-        payload["ok"] = True
-        print_json(payload)
+        print_json(ok_payload(merge_payload(result, base, inputs)))
         return
     for line in result.warnings:
         warn(line)
     _summary(result)
+
+
+def merge_payload(result, base, inputs: Sequence[AdapterInput]) -> dict:
+    """The merge result as JSON, with the keys every command uses (docs/json.md): `base`, `out`, and per
+    adapter `name`, `path`, `format`, `weight`, `sha256` and `modules` (merge and unmerge alike)."""
+    payload = result.to_dict()
+    operation, out = payload.pop("operation"), payload.pop("out")
+    adapters = []
+    for entry, item in zip(payload.pop("adapters"), inputs):
+        entry = {("modules" if key == "layers" else key): value for key, value in entry.items()}
+        entry.setdefault("path", None if item.adapter.path is None else str(item.adapter.path))
+        entry.setdefault("format", item.adapter.format)
+        entry.setdefault("modules", len(item.adapter.layers))
+        adapters.append(entry)
+    return {"operation": operation, "base": str(base), "out": out, "adapters": adapters, **payload}
 
 
 def _summary(result) -> None:
@@ -133,7 +145,7 @@ def merge_command(ctx, adapters, base, out, dtype, device, overwrite, input_form
     from ..merge import merge
 
     inputs = load_inputs(adapters, input_format=input_format, allow_pickle=allow_pickle)
-    _run(ctx, "merge", as_json, lambda progress: merge(
+    _run(ctx, "merge", base, inputs, as_json, lambda progress: merge(
         base, inputs, out, dtype=dtype, device=device, save_originals=save_originals, overwrite=overwrite,
         progress=progress, check=not no_validate))
 
@@ -169,6 +181,6 @@ def unmerge_command(ctx, adapters, base, out, dtype, device, overwrite, input_fo
     from ..merge import unmerge
 
     inputs = load_inputs(adapters, input_format=input_format, allow_pickle=allow_pickle)
-    _run(ctx, "unmerge", as_json, lambda progress: unmerge(
+    _run(ctx, "unmerge", base, inputs, as_json, lambda progress: unmerge(
         base, inputs, out, dtype=dtype, device=device, overwrite=overwrite, progress=progress,
         check=not no_validate, exact=exact))

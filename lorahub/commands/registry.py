@@ -7,7 +7,7 @@ import click
 from rich.markup import escape
 
 from ..options import json_option, out_option, overwrite_option
-from ..ui import console, human_bytes, print_json, table
+from ..ui import console, human_bytes, ok_payload, print_json, table
 
 
 def _params(n: int | None) -> str:
@@ -17,6 +17,15 @@ def _params(n: int | None) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+def _check_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A registry name is a name (checked when parsed: a usage error, exit 2)."""
+    from ..registry import NAME_RE
+
+    if value is not None and not NAME_RE.match(value):
+        raise click.BadParameter(f"invalid registry name '{value}' (lower-case letters, digits, '.', '_', '-')")
+    return value
 
 
 @click.group("registry")
@@ -78,7 +87,7 @@ def show_command(name: str, show_tensors: bool, as_json: bool) -> None:
         payload["components"] = base.components
         if show_tensors:
             payload["tensor_shapes"] = {t.name: [list(t.shape), t.dtype] for t in base.tensors.values()}
-        print_json(payload)
+        print_json(ok_payload(payload))
         return
     source = ref.source
     if isinstance(source, dict):
@@ -101,7 +110,8 @@ def show_command(name: str, show_tensors: bool, as_json: bool) -> None:
 
 @registry_group.command("add")
 @click.argument("spec", metavar="PATH_OR_REPO")
-@click.option("--name", required=True, help="Registry name (lower-case letters, digits, '.', '_', '-').")
+@click.option("--name", required=True, callback=_check_name,
+              help="Registry name (lower-case letters, digits, '.', '_', '-').")
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
 @out_option(required=False, metavar="FILE", path_type=Path,
             help="Write the manifest to this file instead of $LORAHUB_HOME/registry/NAME.json.")
@@ -122,8 +132,8 @@ def add_command(spec: str, name: str, revision: str | None, out: Path | None, ov
 
     path, base = add(spec, name, revision=revision, overwrite=overwrite, out=out)
     if as_json:
-        print_json({"name": name, "path": str(path), "layout": base.layout, "tensors": len(base.tensors),
-                    "params": base.num_params, "repo_id": base.repo_id, "revision": base.revision})
+        print_json(ok_payload({"name": name, "out": str(path), "layout": base.layout, "tensors": len(base.tensors),
+                               "params": base.num_params, "repo_id": base.repo_id, "revision": base.revision}))
         return
     console.print(escape(f"added {name}: {len(base.tensors)} tensors, {base.num_params:,} parameters "
                          f"({base.layout}) -> {path}"))
@@ -143,7 +153,7 @@ def remove_command(name: str, as_json: bool) -> None:
 
     path = remove(name)
     if as_json:
-        print_json({"removed": name, "path": str(path)})
+        print_json(ok_payload({"name": name, "path": str(path)}))
     else:
         console.print(escape(f"removed {name} ({path})"))
 

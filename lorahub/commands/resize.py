@@ -8,6 +8,7 @@ from rich.markup import escape
 
 from ..options import (
     adapter_input_options,
+    all_layers_option,
     device_option,
     dtype_option,
     json_option,
@@ -18,10 +19,12 @@ from ..options import (
     rank_method_option,
     rank_option,
     rank_param_option,
+    split_option,
+    torch_dtype_name,
 )
-from ..ui import console, err_console, print_json, step_progress, table, warn
+from ..ui import console, err_console, ok_payload, print_json, step_progress, table, warn
 
-SAVE_DTYPES = {"keep": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+TABLE_LIMIT = 40  # layers listed in full; beyond that the lowest retained energy first (--all-layers for all)
 
 
 def _pct(x: float) -> str:
@@ -30,28 +33,28 @@ def _pct(x: float) -> str:
 
 @click.command("resize")
 @click.argument("adapter")
-@rank_option(value_type=int, help="New rank (fixed method) or the cap for dynamic methods.")
-@rank_method_option("--method", default=None,
-                    help="Rank rule: fixed (default with --rank), or a dynamic per-layer rule (needs --param).")
-@rank_param_option(help="Dynamic rule parameter: sv_ratio keeps σ > σ₀/X (X ≥ 1); sv_fro: minimal rank with "
-                        "‖S_k‖/‖S‖ ≥ X; sv_cumulative: minimal rank with ΣS_k/ΣS ≥ X (0 < X ≤ 1).")
-@click.option("--conv-rank", type=int, default=None,
-              help="Rank (or cap) for k×k convolutions; default --rank. 1×1 convs count as linear.")
+@rank_option(help="New rank (--rank-method fixed) or the cap of a dynamic rank rule, ≥ 1.")
+@rank_method_option(help="Rank rule: fixed (--rank for every layer) or a dynamic per-layer rule with --param: "
+                         "sv_ratio keeps σ > σ₀/p; sv_fro the smallest k with ‖S_k‖/‖S‖ ≥ p; sv_cumulative "
+                         "the smallest k with ΣS_k/ΣS ≥ p.")
+@rank_param_option(help="The --rank-method parameter p: sv_ratio p ≥ 1; sv_fro, sv_cumulative 0 < p ≤ 1 "
+                        "(e.g. 0.99).")
+@click.option("--conv-rank", type=click.IntRange(min=1), default=None,
+              help="Rank (or cap) for k×k convolutions, ≥ 1; default --rank. 1×1 convs count as linear.")
 @out_option(path_type=Path)
 @output_format_option(help="Output format (default: the input's).")
-@click.option("--split", type=click.Choice(["balanced", "up"]), default="balanced", show_default=True,
-              help="Where the singular values go: √S to each factor, or all in up (kohya).")
+@split_option()
 @click.option("--kohya-compat", is_flag=True,
-              help="Use kohya resize_lora.py's dynamic rule (keeps one rank more than needed, at least 2).")
-@device_option(default="cpu")
+              help="Dynamic ranks by kohya resize_lora.py's rule (one more than needed, at least 2).")
+@device_option()
 @click.option("--fp64", "use_fp64", is_flag=True, help="Compute the SVDs in float64 (default float32).")
-@dtype_option(list(SAVE_DTYPES), "--save-dtype", default="keep",
-              help="dtype of the new factors (keep = each layer's stored dtype).")
+@dtype_option(help="dtype of the new factors: auto keeps each layer's stored dtype; or fp32, fp16, bf16.")
 @overwrite_option()
-@click.option("--all-layers", is_flag=True, help="List every layer in the report (default: at most 40).")
+@all_layers_option(help=f"List every layer in the report (default: at most {TABLE_LIMIT}, the lowest "
+                        f"retained energy first).")
 @adapter_input_options
 @json_option
-def resize(adapter: str, rank: int | None, rank_method: str | None, param: float | None, conv_rank: int | None,
+def resize(adapter: str, rank: int | None, rank_method: str, param: float | None, conv_rank: int | None,
            out: Path, to_format: str | None, split: str, kohya_compat: bool, device: str, use_fp64: bool,
            dtype: str, overwrite: bool, all_layers: bool, input_format: str, allow_pickle: bool,
            as_json: bool) -> None:
@@ -64,41 +67,56 @@ def resize(adapter: str, rank: int | None, rank_method: str | None, param: float
     \b
     Examples:
       lorahub resize adapter_dir --rank 8 --out adapter_r8/
-      lorahub resize lora.safetensors --rank 32 --method sv_fro --param 0.9 --out small.safetensors
+      lorahub resize lora.safetensors --rank 32 --rank-method sv_fro --param 0.9 --out small.safetensors
       lorahub resize lora.safetensors --rank 16 --conv-rank 8 --to peft --out peft_dir/ --json
     """
+    import time
+
     import torch
 
     from ..devices import resolve_device
     from ..formats import FORMATS, reserve_output, save_adapter
-    from ..resize import resize_adapter
+    from ..payloads import adapter_fields
+    from ..resize import check_options, resize_adapter
 
-    method = rank_method or ("fixed" if param is None else None)
-    if method is None:
-        raise click.UsageError("--param needs --method (sv_ratio, sv_fro or sv_cumulative)")
-    if method == "fixed" and param is not None:
-        raise click.UsageError("--param only applies to --method sv_ratio, sv_fro or sv_cumulative")
+    check_options(rank, rank_method, param, conv_rank, split)  # usage errors before any file is read
+    start = time.perf_counter()
     source = open_adapter(adapter, input_format, allow_pickle)
     fmt = to_format or (source.format if source.format in FORMATS else "peft")
-    dtype_name = SAVE_DTYPES[dtype]
+    dtype_name = torch_dtype_name(dtype)
     out_dtype = getattr(torch, dtype_name) if dtype_name else None
     torch_device = resolve_device(device)
     # --out is checked and locked before the work, not after it
     with reserve_output(out, fmt, overwrite=overwrite, sources=[source]):
         with step_progress("resizing", len(source.layers)) as advance:
             resized, report = resize_adapter(
-                source, rank=rank, method=method, param=param, conv_rank=conv_rank, kohya_compat=kohya_compat,
+                source, rank=rank, method=rank_method, param=param, conv_rank=conv_rank, kohya_compat=kohya_compat,
                 split=split, device=torch_device, compute_dtype=torch.float64 if use_fp64 else torch.float32,
                 out_dtype=out_dtype, progress=advance)
         written = save_adapter(resized, out, format=fmt, overwrite=overwrite)
+    seconds = time.perf_counter() - start
     summary = report.summary()
+    warnings = [f"{summary['zero']} layer(s) have an all-zero delta; written as rank-1 zero factors"] \
+        if summary["zero"] else []
     if as_json:
-        payload = {"input": str(source.path), "output": str(written), "format": fmt, **report.as_dict()}
-        print_json(payload)
+        print_json(ok_payload({
+            "path": str(source.path), "out": str(written), "from": source.format, "format": fmt,
+            **adapter_fields(resized), "input_params": summary["old_params"],
+            "device": str(torch_device), "seconds": round(seconds, 3),
+            "options": {"rank": report.rank, "rank_method": report.method, "param": report.param,
+                        "conv_rank": report.conv_rank, "kohya_compat": report.kohya_compat, "split": report.split,
+                        "dtype": dtype, "fp64": use_fp64},
+            "summary": {"resized": summary["resized"], "kept": summary["kept"], "zero": summary["zero"],
+                        "energy_retained_mean": summary["mean_energy_retained"],
+                        "energy_retained_min": summary["worst_energy_retained"],
+                        "fro_retained_mean": summary["mean_fro_retained"], "worst_layer": summary["worst_layer"]},
+            "warnings": warnings,
+            "layers": [_layer_json(layer) for layer in report.layers],
+        }))
         return
     rows = []
-    shown = report.layers if all_layers or len(report.layers) <= 40 else \
-        sorted(report.layers, key=lambda layer: layer.energy_retained)[:40]
+    shown = report.layers if all_layers or len(report.layers) <= TABLE_LIMIT else \
+        sorted(report.layers, key=lambda layer: layer.energy_retained)[:TABLE_LIMIT]
     for layer in shown:
         kind = layer.kind + (f" {layer.kernel}" if layer.kernel else "")
         new = f"{layer.new_rank}" + (" (kept)" if layer.kept else "") + (" (zero)" if layer.zero else "")
@@ -114,7 +132,19 @@ def resize(adapter: str, rank: int | None, rank_method: str | None, param: float
         f"energy retained: mean {_pct(summary['mean_energy_retained'])}, worst "
         f"{_pct(summary['worst_energy_retained'])}" + (f" ({escape(worst.target)})" if worst else "") +
         f"; parameters {summary['old_params']:,} → {summary['new_params']:,}; "
-        f"{summary['seconds']:.2f} s")
-    if summary["zero"]:
-        warn(f"{summary['zero']} layer(s) have an all-zero delta; written as rank-1 zero factors")
+        f"{seconds:.2f} s")
+    for line in warnings:
+        warn(line)
     err_console.print(escape(f"wrote {fmt} adapter to {written}"))
+
+
+def _layer_json(layer) -> dict:
+    """One layer of the report with the keys every command uses: `rank`/`alpha` are the written
+    layer's, `input_rank`/`input_alpha` the input's."""
+    from ..payloads import number
+
+    return {"target": layer.target, "kind": layer.kind, "kernel": layer.kernel, "rank": layer.new_rank,
+            "input_rank": layer.old_rank, "alpha": number(layer.new_alpha), "input_alpha": number(layer.old_alpha),
+            "kept": layer.kept, "zero": layer.zero, "energy_retained": layer.energy_retained,
+            "fro_retained": layer.fro_retained, "sum_retained": layer.sum_retained,
+            "max_dropped_ratio": layer.max_dropped_ratio}
