@@ -189,6 +189,7 @@ def list_library(paths: list[str | os.PathLike] | None = None, *, format: str | 
         described, read = summaries(found.candidates, index, progress)
         seen = {c.key for c in found.candidates}
         index.prune(found.walked, seen)
+        index_used = str(index.path) if index.path is not None and index.usable else None
     entries: list[Entry] = []
     problems = [Problem(path, message) for path, message in found.errors]
     for candidate, summary in zip(found.candidates, described):
@@ -199,7 +200,7 @@ def list_library(paths: list[str | os.PathLike] | None = None, *, format: str | 
             problems.append(Problem(candidate.name, _strip_path(str(summary.get("error")), candidate)))
     if format is not None:
         entries = [e for e in entries if e.format == format]
-    listing = Listing(found.roots, entries, problems, None if index.path is None else str(index.path), read,
+    listing = Listing(found.roots, entries, problems, index_used, read,
                       len(found.candidates) - read, [index.warning] if index.warning else [])
     if base_model is not None:
         from .fits import keep_fitting

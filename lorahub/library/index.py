@@ -235,6 +235,10 @@ class Index:
 
         self._run(op, None)
 
+    @property
+    def usable(self) -> bool:
+        return self._conn is not None
+
     def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
