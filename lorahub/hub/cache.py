@@ -62,13 +62,12 @@ class CacheLocation:
         return f"{self.repo_id}@{self.revision}" + (f"/{self.subpath}" if self.subpath else "")
 
 
-_refs_cache: dict[str, dict[str, tuple[str, ...]]] = {}
-
-
-def snapshot_refs(repo_folder: Path) -> dict[str, tuple[str, ...]]:
-    """commit -> the refs pointing at it, from the repo folder's `refs/` files (read once per folder)."""
+def snapshot_refs(repo_folder: Path, memo: dict[str, dict[str, tuple[str, ...]]] | None = None
+                  ) -> dict[str, tuple[str, ...]]:
+    """commit -> the refs pointing at it, from the repo folder's `refs/` files (read once per folder and
+    `memo`: a walk passes one)."""
     key = os.fspath(repo_folder)
-    cached = _refs_cache.get(key)
+    cached = memo.get(key) if memo is not None else None
     if cached is not None:
         return cached
     found: dict[str, list[str]] = {}
@@ -82,11 +81,13 @@ def snapshot_refs(repo_folder: Path) -> dict[str, tuple[str, ...]]:
                 continue
             found.setdefault(commit, []).append(ref_file.relative_to(refs_dir).as_posix())
     out = {commit: tuple(sorted(refs, key=lambda r: (r != "main", r))) for commit, refs in found.items()}
-    _refs_cache[key] = out
+    if memo is not None:
+        memo[key] = out
     return out
 
 
-def cache_location(path: str | os.PathLike, cache: Path | None = None) -> CacheLocation | None:
+def cache_location(path: str | os.PathLike, cache: Path | None = None,
+                   memo: dict[str, dict[str, tuple[str, ...]]] | None = None) -> CacheLocation | None:
     """Which cached repo, commit and repo path `path` is, when it lies in a snapshot of the cache
     (`<cache>/models--o--n/snapshots/<commit>/<subpath>`); None otherwise. `path` is taken as written
     (absolute), not resolved: snapshot files are symlinks into `blobs/`."""
@@ -103,7 +104,7 @@ def cache_location(path: str | os.PathLike, cache: Path | None = None) -> CacheL
         return None
     folder = Path(os.path.abspath(cache)) / parts[0]
     commit = parts[2]
-    return CacheLocation(repo_id, commit, snapshot_refs(folder).get(commit, ()), "/".join(parts[3:]),
+    return CacheLocation(repo_id, commit, snapshot_refs(folder, memo).get(commit, ()), "/".join(parts[3:]),
                          folder / SNAPSHOTS / commit)
 
 
@@ -175,5 +176,4 @@ def delete_revisions(repo_id: str, commits: list[str]) -> int:
             raise LorahubError(f"refusing to remove {path}: it is not part of '{repo_id}' in the cache")
     freed = strategy.expected_freed_size
     strategy.execute()
-    _refs_cache.clear()
     return freed

@@ -82,9 +82,6 @@ def _cache_plan(target: str, repo_id: str, revision: str | None) -> Removal:
 
 
 def _library_plan(target: str, path: str) -> Removal:
-    if os.path.islink(path):
-        raise LorahubError("is a symbolic link: lorahub rm removes adapters, not links (remove the link with "
-                           "rm, or name the adapter it points to)", path=target)
     found = scan([path])
     candidate = next((c for c in found.candidates if c.key == path), None)
     if candidate is None:
@@ -129,12 +126,15 @@ def plan(target: str) -> Removal:
             raise LorahubError("not an adapter in a cached snapshot (models--OWNER--NAME/snapshots/COMMIT/…); "
                                "name the repo (owner/name[@revision]) to remove it from the cache", path=text)
         return _cache_plan(text, location.repo_id, location.commit)
+    if os.path.islink(path):
+        raise LorahubError(f"is a symbolic link (to {os.path.realpath(path)}): lorahub rm removes adapters, not "
+                           f"links (remove the link with rm, or name the adapter it points to)", path=text)
     real = os.path.realpath(path)
     folders = [os.path.realpath(f) for f in library_folders()]
     if not any(_inside(real, folder) for folder in folders):
         where = ", ".join(map(str, library_folders())) or "none: LORAHUB_LIBRARY is not set"
-        raise LorahubError(f"not in the Hugging Face cache ({cache}) or a library folder ({where}); "
-                           f"lorahub rm removes nothing else", path=text)
+        raise LorahubError(f"not in the Hugging Face cache or a library folder (cache: {cache}; LORAHUB_LIBRARY: "
+                           f"{where}); lorahub rm removes nothing else", path=text)
     if real != path:  # a path through a symlinked folder: remove what it names, checked where it is
         path = real
     return _library_plan(text, path)

@@ -93,9 +93,10 @@ class _Walker:
         self.candidates: list[Candidate] = []
         self.errors: list[tuple[str, str]] = []
         self.seen_dirs: set[tuple[int, int]] = set()
+        self.refs: dict[str, dict[str, tuple[str, ...]]] = {}  # the cache's refs, read once per repo
 
     def _candidate(self, display: str, key: str, kind: str, files: list[tuple[str, os.stat_result]]) -> None:
-        location = cache_location(key, Path(self.cache)) if key.startswith(self.cache + os.sep) else None
+        location = cache_location(key, Path(self.cache), self.refs) if key.startswith(self.cache + os.sep) else None
         self.candidates.append(Candidate(display, key, kind, files, location))
 
     def add_file(self, display: str, key: str, st: os.stat_result) -> None:
