@@ -37,3 +37,11 @@ def test_bench_resize_tiny(bench, capsys):
     assert bench("bench_resize").main(["--tiny", "--device", "cpu", "--repeats", "1", "--per-layer-repeats", "1",
                                        "--dense-samples", "0", "--no-io"]) == 0
     assert "RATIO per-layer / batched" in capsys.readouterr().out
+
+
+def test_bench_library_small(bench, capsys, tmp_path):
+    assert bench("bench_library").main(["--adapters", "40", "--small", "--cold-repeats", "1", "--repeats", "1",
+                                        "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "listed 40 adapters" in out and "as generated" in out and "RATIO cold / find" in out
+    assert "touched one file" in out and "headers read: 1" in out

@@ -124,13 +124,14 @@ def list_command(paths: tuple[str, ...], fits: str | None, format_name: str | No
         click.echo("\n".join(lines))
     for problem in listing.problems:
         click.echo(_plain(f"problem: {problem.path}: {problem.error}"))
-    where = ", ".join(listing.roots) or "nothing (no Hugging Face cache, LORAHUB_LIBRARY not set)"
+    where = f" in {', '.join(listing.roots)}" if listing.roots else \
+        " (no Hugging Face cache yet, LORAHUB_LIBRARY not set)"
     count = f"{len(listing.entries)} adapter{'s' if len(listing.entries) != 1 else ''}"
     if listing.base is not None:
         count += f" fitting {listing.base} ({listing.excluded} other{'s' if listing.excluded != 1 else ''})"
     problems = f", {len(listing.problems)} problem{'s' if len(listing.problems) != 1 else ''}" \
         if listing.problems else ""
-    err_console.print(_plain(f"{count}{problems} in {where}; headers read: {listing.read}, "
+    err_console.print(_plain(f"{count}{problems}{where}; headers read: {listing.read}, "
                              f"from the index: {listing.reused} ({listing.seconds:.2f} s)"),
                       markup=False, highlight=False)
 

@@ -18,6 +18,7 @@ import datetime as _dt
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import OptionError
@@ -184,7 +185,7 @@ def list_library(paths: list[str | os.PathLike] | None = None, *, format: str | 
         from .fits import load_fits_base
 
         base_model = load_fits_base(fits)
-    index = Index(default_index_path() if index_path is None else index_path) if use_index else Index(None)
+    index = Index(default_index_path() if index_path is None else Path(index_path)) if use_index else Index(None)
     with index:
         described, read = summaries(found.candidates, index, progress)
         seen = {c.key for c in found.candidates}

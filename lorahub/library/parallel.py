@@ -4,9 +4,7 @@ parent already imported and loaded — a base model for `--fits`). Small batches
 platform without `fork` run in the calling process."""
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Sequence
 
 MIN_PARALLEL = 24  # fewer tasks than this run in process: forking costs more than it saves
@@ -26,6 +24,9 @@ def run_parallel(fn: Callable[[Any], Any], tasks: Sequence[Any], *,
                  progress: Callable[[int], None] | None = None) -> list[Any]:
     """[fn(task) for task in tasks], in order, across forked workers when it pays."""
     n = workers()
+    if n >= 2 and len(tasks) >= MIN_PARALLEL:  # imported here: a warm listing never needs them
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
     if n < 2 or len(tasks) < MIN_PARALLEL or "fork" not in multiprocessing.get_all_start_methods():
         out = []
         for task in tasks:
