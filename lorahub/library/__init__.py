@@ -135,10 +135,13 @@ class Listing:
 
 
 def _strip_path(message: str, candidate: Candidate) -> str:
-    """The message without the file name it starts with (the row names the adapter already)."""
-    for prefix in (candidate.key, *(path for path, _ in candidate.files)):
-        if message.startswith(prefix + ": "):
-            return message[len(prefix) + 2:]
+    """The message without the path it starts with when that is the adapter's (the row names it already);
+    a file inside an adapter's folder is named by its file name."""
+    if message.startswith(candidate.key + ": "):
+        return message[len(candidate.key) + 2:]
+    for path, _ in candidate.files:
+        if message.startswith(path + ": "):
+            return os.path.basename(path) + ": " + message[len(path) + 2:]
     return message
 
 

@@ -156,12 +156,20 @@ def _pair(header: SafetensorsHeader, keys: dict[str, str], target: str, componen
 # per format
 
 
+MAX_CONFIG_BYTES = 16 << 20  # an adapter_config.json is a few KB; more is not a config
+
+
 def _peft_dir(config_path: str, weights_path: str | None) -> dict[str, Any]:
     try:
         with open(config_path, "rb") as handle:
-            config = json.loads(handle.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LorahubError(f"invalid JSON ({exc.__class__.__name__})", path=config_path) from None
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise LorahubError(f"larger than {MAX_CONFIG_BYTES >> 20} MB: not an adapter config", path=config_path)
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise LorahubError("invalid JSON (not UTF-8 text)", path=config_path) from None
+    except json.JSONDecodeError as exc:
+        raise LorahubError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path=config_path) from None
     except OSError as exc:
         raise LorahubError(f"cannot read: {exc.strerror}", path=config_path) from None
     if not isinstance(config, dict):

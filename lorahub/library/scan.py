@@ -14,6 +14,7 @@ model's shard) is `describe`'s business: it needs the header. The walk only list
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,16 @@ class Scan:
     walked: list[str]  # absolute folders whose whole subtree was walked (the index prunes below them)
 
 
+def _regular(path: str) -> os.stat_result | None:
+    """The stat of a regular file (links followed); None for anything else — a FIFO or a device is never
+    opened (reading one would hang or never end)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
 def _join(display: str, name: str) -> str:
     return os.path.join(display, name)
 
@@ -114,17 +125,15 @@ class _Walker:
     def _directory(self, folder: str) -> list[tuple[str, os.stat_result]] | None:
         """The files of a directory-format adapter in `folder` (config, weights), or None."""
         for config, weights in self.layouts:
-            try:
-                config_st = os.stat(os.path.join(folder, config))
-            except OSError:
+            config_st = _regular(os.path.join(folder, config))
+            if config_st is None:
                 continue
             files = [(os.path.join(folder, config), config_st)]
             for weight in weights:
-                try:
-                    files.append((os.path.join(folder, weight), os.stat(os.path.join(folder, weight))))
+                weight_st = _regular(os.path.join(folder, weight))
+                if weight_st is not None:
+                    files.append((os.path.join(folder, weight), weight_st))
                     break
-                except OSError:
-                    continue
             return files
         return None
 
@@ -229,6 +238,8 @@ def scan(paths: list[str | os.PathLike] | None = None) -> Scan:
         if os.path.isdir(key):
             walker.walk(display, key)
             walked.append(key)
-        else:
+        elif stat.S_ISREG(st.st_mode):
             walker.add_file(display, key, st)
+        elif explicit:
+            raise LorahubError("not a regular file or a folder", path=display)
     return Scan(absolute, _dedupe(walker.candidates), walker.errors, walked)
