@@ -344,6 +344,34 @@ def test_library_modules_import_no_torch_at_the_top():
             assert parts[0] not in _HEAVY, (file.name, name)
 
 
+def test_listing_runs_no_torch_code(home, library, monkeypatch):
+    """While `lorahub list` runs (the CLI command, in this process, one worker), not one function of
+    torch, safetensors.torch or numpy is called: whatever the package imports when loaded, the listing
+    itself needs none of it."""
+    import torch
+
+    from lorahub.library import parallel
+
+    root, _ = library
+    monkeypatch.setattr(parallel, "workers", lambda: 1)
+    heavy_dirs = tuple(str(Path(m.__file__).parent) for m in (torch, __import__("numpy")))
+    calls: list[str] = []
+
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(heavy_dirs):
+            calls.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+        elif event == "c_call" and str(getattr(arg, "__module__", "") or "").startswith(("torch", "numpy")):
+            calls.append(f"{arg.__module__}.{getattr(arg, '__name__', '?')}")
+
+    sys.setprofile(hook)
+    try:
+        result = run_cli("list", root, "--json")
+    finally:
+        sys.setprofile(None)
+    assert result.returncode == 0 and json.loads(result.stdout)["index"]["read"] > 300
+    assert not calls, sorted(set(calls))[:10]
+
+
 def _package_imports_torch() -> bool:
     code = "import sys, lorahub.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
