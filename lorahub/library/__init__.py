@@ -1,16 +1,17 @@
 """The adapter library: every adapter under some folders and in the Hugging Face cache, from headers.
 
     list_library(paths=None, format=None, sort="name", fits=None) -> Listing
-    remove(target, confirm=None) -> Removal                      (lorahub.library.remove)
-    check_hub_adapters(models, base) -> {repo_id: HubCheck}      (lorahub.library.remote)
+    remove.plan(target) -> Removal; remove.execute(removal)      (`lorahub rm`)
+    remote.check_hub_adapters(models, base) -> {repo_id: HubCheck}   (`lorahub search --check`)
 
     scan      walking paths (and the cache layout) into adapter candidates
     describe  one candidate's summary from its header (no tensor data)
     index     the SQLite index in LORAHUB_HOME: only what changed is read again
-    fits      --fits: which adapters validate against a base (processes in parallel)
+    parallel  forked worker processes for header parsing and --fits
+    fits      --fits: which adapters validate against a base
 
-Nothing on the listing path imports torch: headers are parsed by `lorahub.storage`, formats told apart by
-the registry's key detection.
+The listing runs no torch code and its modules import none when loaded: headers are parsed by
+`lorahub.storage`, formats told apart by the registry's key detection (tests/test_library.py checks both).
 """
 from __future__ import annotations
 
