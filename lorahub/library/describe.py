@@ -85,8 +85,9 @@ def _modules(tensors: dict[str, Any], table: dict[str, str]) -> tuple[list[tuple
     down_tuple, downs, ups, others, up_tuple = _roles(table)
     out: list[tuple[str, dict[str, str]]] = []
     claimed = 0
+    single = down_tuple[0] if len(down_tuple) == 1 else None
     for key in [k for k in tensors if k.endswith(down_tuple)]:
-        suffix = next(s for s in down_tuple if key.endswith(s))
+        suffix = single or next(s for s in down_tuple if key.endswith(s))
         module = key[: -len(suffix)]
         labels = {downs[suffix]: key}
         for s, label in ups:
@@ -140,8 +141,8 @@ def _pair(header: SafetensorsHeader, keys: dict[str, str], target: str, componen
     if down[0] != up[1]:
         raise LorahubError(f"rank mismatch: {down_key} has rank {down[0]} but {up_key} has rank {up[1]}",
                            path=header.path)
-    in_features = math.prod(down[1:])
-    params = down[0] * in_features + math.prod(up)
+    in_features = down[1] if len(down) == 2 else math.prod(down[1:])
+    params = down[0] * in_features + (up[0] * up[1] if len(up) == 2 else math.prod(up))
     dora = False
     if len(keys) > 2:
         for label, key in keys.items():
