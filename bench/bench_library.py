@@ -49,7 +49,7 @@ WRAPPER = ("import sys, runpy\n"
            "try:\n"
            "    runpy.run_module('lorahub.cli', run_name='__main__', alter_sys=True)\n"
            "finally:\n"
-           "    sys.stderr.write('\\nBENCH torch=%d\\n' % isinstance(sys.modules.get('torch'), type(sys)))\n")
+           "    sys.stderr.write('\\nBENCH torch=%d\\n' % bool(getattr(sys.modules.get('torch'), '__file__', None)))\n")
 # the same, with `torch` (and safetensors.torch) replaced by inert stub modules: what the process costs once
 # nothing imports torch at the top (issue 11 §5). Faithful because the listing calls no torch function
 # (tests/test_library.py::test_listing_runs_no_torch_code); the benchmark checks the output is identical.
