@@ -183,12 +183,12 @@ def list_library(paths: list[str | os.PathLike] | None = None, *, format: str | 
     if sort not in SORTS:
         raise OptionError(f"unknown sort '{sort}' (choose from {', '.join(SORTS)})")
     started = time.perf_counter()
-    found: Scan = scan(paths)
     base_model = None
     if fits is not None:  # the base first: a base that cannot be read fails before any work
         from .fits import load_fits_base
 
         base_model = load_fits_base(fits)
+    found: Scan = scan(paths)
     index = Index(default_index_path() if index_path is None else Path(index_path)) if use_index else Index(None)
     with index:
         described, read = summaries(found.candidates, index, progress)
