@@ -22,7 +22,7 @@ an inert stub module: what the process costs once it no longer does (faithful: t
 function, which tests/test_library.py checks; the output is checked identical).
 
     python bench/bench_library.py                       # 1,000 adapters, 3 cold and 5 warm runs
-    python bench/bench_library.py --adapters 60 --small --cold-repeats 1 --repeats 1   # smoke test
+    python bench/bench_library.py --adapters 40 --small --cold-repeats 1 --repeats 1   # smoke test
 """
 from __future__ import annotations
 
