@@ -419,3 +419,14 @@ def test_json_keys_are_documented(lib, hub_server, small_hub, tiny_llama_dir):
     text = (ROOT / "docs" / "json.md").read_text()
     row_keys = set(re.findall(r"`([a-z_]+)`", re.search(r"one row per adapter in `adapters`: ([^;]+);", text).group(1)))
     assert row_keys == set(listing["adapters"][0])
+
+
+def test_rm_refuses_a_folder_that_changed_after_it_was_shown(lib):
+    from lorahub.errors import LorahubError
+    from lorahub.library.remove import execute, plan
+
+    removal = plan(str(lib / "peft"))
+    (lib / "peft" / "written-meanwhile.txt").write_text("keep me\n")
+    with pytest.raises(LorahubError, match="changed since"):
+        execute(removal)
+    assert (lib / "peft" / "written-meanwhile.txt").exists() and (lib / "peft" / "adapter_config.json").exists()

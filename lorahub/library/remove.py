@@ -81,6 +81,16 @@ def _cache_plan(target: str, repo_id: str, revision: str | None) -> Removal:
     return Removal(target, repo_id, revisions, [], sum(r.size for r in revisions), files)
 
 
+def _entries(folder: str) -> list[str]:
+    """Every entry below a folder (links not followed), relative; sub-folders end with '/'."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        out += [os.path.normpath(os.path.join(rel, name)) for name in filenames]
+        out += [os.path.normpath(os.path.join(rel, name)) + "/" for name in dirnames]
+    return sorted(out)
+
+
 def _library_plan(target: str, path: str) -> Removal:
     found = scan([path])
     candidate = next((c for c in found.candidates if c.key == path), None)
@@ -93,13 +103,7 @@ def _library_plan(target: str, path: str) -> Removal:
     if candidate.kind == "file":
         return Removal(target, None, [], [Path(path)], candidate.size, [os.path.basename(path)])
     own = {os.path.basename(p) for p, _ in candidate.files}
-    everything: list[str] = []  # every entry below the folder; sub-folders end with '/'
-    for dirpath, dirnames, filenames in os.walk(path):
-        rel = os.path.relpath(dirpath, path)
-        for name in filenames:
-            everything.append(os.path.normpath(os.path.join(rel, name)))
-        for name in dirnames:
-            everything.append(os.path.normpath(os.path.join(rel, name)) + "/")
+    everything = _entries(path)
     others = sorted(f for f in everything if f not in own and f not in FOLDER_EXTRAS)
     if others:
         shown = ", ".join(others[:10]) + (f", … {len(others) - 10} more" if len(others) > 10 else "")
@@ -151,6 +155,9 @@ def execute(removal: Removal, *, index_path: str | os.PathLike | None = None) ->
     else:
         for path in removal.paths:
             if path.is_dir() and not path.is_symlink():
+                if _entries(str(path)) != sorted(removal.files):  # changed while the user was asked
+                    raise LorahubError("the adapter's folder changed since it was listed for removal; nothing "
+                                       "removed (run lorahub rm again)", path=path)
                 shutil.rmtree(path)
             else:
                 path.unlink()
