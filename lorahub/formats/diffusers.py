@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
+from ..kinds import EMBEDDING
 from .common import (
     COMPONENTS_METADATA,
     LAYERS_METADATA,
@@ -74,7 +75,7 @@ def write(adapter: Adapter, out: Path) -> Path:
             fields = lora_config_fields([layer for _, layer in items], inner)
             configs.update({f"{component}.{key}": value for key, value in fields.items()})
     for base, layer in keyed.items():
-        if layer.kind == "embedding":
+        if layer.geometry is EMBEDDING:
             tensors[f"{base}.lora_embedding_A"] = layer.A.load().contiguous()
             tensors[f"{base}.lora_embedding_B"] = layer.B.load().contiguous()
         else:

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from ..kinds import CONV1D_LEAVES
+from ..kinds import CONV1D_LEAVES, EMBEDDING
 from .common import (
     TensorSource,
     check_pair,
@@ -191,7 +191,7 @@ def write(adapter: Adapter, out: Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for layer in layers:
         base = PREFIX + strip(layer.target)
-        if layer.kind == "embedding":
+        if layer.geometry is EMBEDDING:
             tensors[base + ".lora_embedding_A"] = layer.A.load().contiguous()
             tensors[base + ".lora_embedding_B"] = layer.B.load().contiguous()
         else:
@@ -201,7 +201,7 @@ def write(adapter: Adapter, out: Path) -> Path:
             tensors[base + ".lora_magnitude_vector"] = peft_magnitude(layer)
         if layer.bias is not None:
             tensors[base + ".lora_B.bias"] = layer.bias.load().contiguous()
-    embedding_modules = {strip(layer.target) for layer in layers if layer.kind == "embedding"}
+    embedding_modules = {strip(layer.target) for layer in layers if layer.geometry is EMBEDDING}
     for name, tensor in adapter.full_tensors.items():
         module = strip(name).rsplit(".", 1)[0]
         key = strip(name)
