@@ -109,7 +109,6 @@ def extract_command(base: str, tuned: str, rank: int | None, rank_method: str, p
                      keep_full=keep_full, lora_embeddings=lora_embeddings, exact=exact, power_iters=power_iters,
                      oversample=oversample, seed=seed, overwrite=overwrite,
                      progress=lambda total: byte_progress("extract → read", total))
-    report = result.report
     if as_json:
         print_json(ok_payload(extract_payload(result, base, tuned, dtype)))
         return

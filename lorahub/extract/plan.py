@@ -7,12 +7,12 @@ extraction before any data is read (`--include`/`--exclude` decide which names t
 
 Each pair is one of:
 
-| role    | which tensors                                                          | what happens                       |
-| ------- | ---------------------------------------------------------------------- | ---------------------------------- |
-| `lora`  | a module's `.weight` of 2+ dims in a float dtype: linear, GPT-2 Conv1D, | ΔW factored at the layer's rank    |
-|         | conv (any kernel); embeddings only with `lora_embeddings`              |                                    |
-| `full`  | any tensor matching `--keep-full`                                      | carried whole when it changed      |
-| `other` | norms, biases, embeddings, bare parameters, integer/FP8 tensors         | compared; reported when changed    |
+| role    | which tensors                                                      | what happens                    |
+| ------- | ------------------------------------------------------------------ | ------------------------------- |
+| `lora`  | a module's `.weight` of 2+ dims in a float dtype: linear, GPT-2     | ΔW factored at the layer's rank |
+|         | Conv1D, conv (any kernel); embeddings only with `lora_embeddings`  |                                 |
+| `full`  | any tensor matching `--keep-full`                                  | carried whole when it changed   |
+| `other` | norms, biases, embeddings, bare parameters, integer/FP8 tensors     | compared; reported when changed |
 
 A pair whose two tensors are equal is *unchanged* whatever its role; that is known only once both are
 read. Targets are the base's module paths (`model.layers.0.self_attn.q_proj`; diffusers components

@@ -218,7 +218,7 @@ class PairStream:
         kept = torch.empty(pair.tuned.nbytes, dtype=torch.uint8) if keep else None
         same_dtype = pair.base.dtype == pair.tuned.dtype
         changed = False
-        for begin, end in self._begin(pair):
+        for begin, _end in self._begin(pair):
             base, nb, tuned, nt = self._take()
             if not changed:
                 if same_dtype:
