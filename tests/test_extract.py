@@ -560,3 +560,17 @@ def test_randomized_svd_is_reproducible_per_seed():
     a = randomized_svd(M, 24, generator=torch.Generator().manual_seed(5))
     b = randomized_svd(M, 24, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a.S, b.S) and torch.equal(a.U, b.U)
+
+
+@pytest.mark.parametrize("orth", ["householder", "cholesky"])
+def test_both_orthonormalisations_reach_the_optimum(orth):
+    """CholeskyQR2 (the GPU's route) and Householder QR (the CPU's) give the same quality; a ΔW of lower
+    rank than the sketch (Cholesky fails) falls back to Householder."""
+    gen = torch.Generator().manual_seed(11)
+    M = _decaying(500, 400, gen)
+    svd = randomized_svd(M.float(), 40, generator=torch.Generator().manual_seed(1), orth=orth)
+    approx = (svd.U[:, :32].double() * svd.S[:32]) @ svd.Vh[:32].double()
+    assert _rel(approx, M) <= 1.02 * _optimum(M, 32)
+    low = (torch.randn(500, 5, generator=gen) @ torch.randn(5, 400, generator=gen))
+    svd = randomized_svd(low, 40, orth=orth)
+    assert _rel((svd.U[:, :5].double() * svd.S[:5]) @ svd.Vh[:5].double(), low) <= 1e-5
