@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--shard-gb", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--generate-only", action="store_true",
+                        help="build the pair into --workdir and stop (a later run reuses it)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
@@ -271,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (work / ".complete").exists() and shutil.disk_usage(work).free < need:
         raise SystemExit(f"not enough disk under {work}: need ~{need / 1e9:.1f} GB")
     base, tuned = build_pair(work, cfg, int(args.shard_gb * 1e9), str(device))
+    if args.generate_only:
+        print(f"pair ready under {work}")
+        return 0
     mem = int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
     warm = 2 * model_bytes * 1.2 < mem
     print(f"page cache: {'warm (the pair fits in memory; read once before timing)' if warm else 'COLD-ish: the pair does not fit in memory'}",

@@ -574,3 +574,13 @@ def test_both_orthonormalisations_reach_the_optimum(orth):
     low = (torch.randn(500, 5, generator=gen) @ torch.randn(5, 400, generator=gen))
     svd = randomized_svd(low, 40, orth=orth)
     assert _rel((svd.U[:, :5].double() * svd.S[:5]) @ svd.Vh[:5].double(), low) <= 1e-5
+
+
+def test_bench_extract_tiny(monkeypatch, capsys):
+    """bench/bench_extract.py still runs (smallest settings; it times nothing useful here)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_extract
+
+    assert bench_extract.main(["--tiny", "--repeats", "1", "--cli-repeats", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "RATIO lorahub / read" in out and "RATIO dense / lorahub" in out and "of the optimum" in out

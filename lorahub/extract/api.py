@@ -12,8 +12,10 @@ leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import queue
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -23,7 +25,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 
 from ..adapter import ST_DTYPES, Adapter, LazyTensor, LoraLayer
-from ..devices import exact_fp32_matmul, resolve_device
+from ..devices import default_workers, exact_fp32_matmul, resolve_device, torch_threads
 from ..errors import LorahubError, OptionError
 from ..kinds import CONV, CONV1D, EMBEDDING
 from ..lowrank import SPLITS
@@ -253,10 +255,9 @@ def _run(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch.de
          dtype: torch.dtype | None, split: str, exact: bool, power_iters: int, oversample: int, seed: int,
          progress: ProgressFactory | None, chunk_bytes: int | None) -> tuple[dict[str, LoraLayer],
                                                                              dict[str, LazyTensor]]:
-    import contextlib
-
     bar = progress(plan.total_bytes) if progress is not None else contextlib.nullcontext(None)
-    with bar as advance:
+    on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with bar as advance, on_device:
         return _stream(plan, report, rule, dev, conv_rank=conv_rank, dtype=dtype, split=split, exact=exact,
                        power_iters=power_iters, oversample=oversample, seed=seed, advance=advance,
                        chunk_bytes=chunk_bytes)
@@ -266,73 +267,119 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
             dtype: torch.dtype | None, split: str, exact: bool, power_iters: int, oversample: int, seed: int,
             advance: Callable[[int], None] | None, chunk_bytes: int | None) -> tuple[dict[str, LoraLayer],
                                                                                     dict[str, LazyTensor]]:
+    """Read every pair in order; factor the LoRA layers. On a GPU the calling thread does both (the device
+    works asynchronously); on the CPU the layers are factored by `workers` threads with one torch thread
+    each while the calling thread reads and assembles the next ΔW (small QRs and SVDs under OpenMP ran
+    10–100× slower on a shared machine, the problem `devices.map_layers` avoids the same way)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     layers: dict[str, LoraLayer] = {}
+    rows: dict[str, LayerExtract] = {}
     full: dict[str, LazyTensor] = {}
     throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
-    work = _Work(dev)
     timings = {"delta": 0.0, "svd": 0.0, "compare": 0.0}
     conv_rule = rule.with_cap(conv_rank) if conv_rank is not None else rule
     kwargs = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
+    workers = default_workers(dev) if dev.type == "cpu" else 1
+    free: queue.Queue = queue.Queue()  # work buffers: one per worker, one more being filled
+    for _ in range(workers + 1 if workers > 1 else 1):
+        free.put(_Work(dev))
+
+    def factor(pair: Pair, matrix: torch.Tensor, norm: float, work: _Work) -> None:
+        began = time.perf_counter()
+        try:
+            name, row, layer = _factor(pair, matrix, norm, rule=conv_rule if pair.spatial else rule, dtype=dtype,
+                                       split=split, exact=exact, power_iters=power_iters, oversample=oversample,
+                                       seed=seed)
+            rows[name], layers[name] = row, layer
+        finally:
+            free.put(work)
+            timings["svd"] += time.perf_counter() - began
+
     began = time.perf_counter()
-    with exact_fp32_matmul(), torch.no_grad(), PairStream(plan.pairs, dev, advance=advance, **kwargs) as stream:
-        for pair in plan.pairs:
-            if throttle:
-                time.sleep(throttle)
-            if pair.role != "lora":
+    pending: list[Future] = []
+    threads = torch_threads(1) if workers > 1 else contextlib.nullcontext()
+    with exact_fp32_matmul(), torch.no_grad(), threads, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorahub-extract") as pool, \
+            PairStream(plan.pairs, dev, advance=advance, **kwargs) as stream:
+        try:
+            for pair in plan.pairs:
+                if throttle:
+                    time.sleep(throttle)
+                for future in [f for f in pending if f.done()]:
+                    future.result()  # a failed layer stops the run now
+                    pending.remove(future)
+                if pair.role != "lora":
+                    t0 = time.perf_counter()
+                    changed, tensor = stream.compare(pair, keep=pair.role == "full")
+                    timings["compare"] += time.perf_counter() - t0
+                    if not changed:
+                        report.unchanged.append(pair.name)
+                    elif tensor is not None and pair.target is not None:
+                        full[pair.target] = LazyTensor.of(tensor, key=pair.target)
+                        report.changed.append({"tensor": pair.name, "reason": "--keep-full", "kept": True})
+                    else:
+                        report.changed.append({"tensor": pair.name, "reason": pair.reason, "kept": False})
+                    continue
+                work = free.get()  # waits for a worker to finish with its buffer
                 t0 = time.perf_counter()
-                changed, tensor = stream.compare(pair, keep=pair.role == "full")
-                timings["compare"] += time.perf_counter() - t0
-                if not changed:
+                assert pair.kind is not None
+                matrix = pair.kind.math_view(stream.delta(pair, work.get(pair.numel)), pair.out_features)
+                norm = float(torch.linalg.vector_norm(matrix))  # waits for the chunks' copies on CUDA
+                timings["delta"] += time.perf_counter() - t0
+                if norm == 0.0:
                     report.unchanged.append(pair.name)
-                elif tensor is not None and pair.target is not None:
-                    full[pair.target] = LazyTensor.of(tensor, key=pair.target)
-                    report.changed.append({"tensor": pair.name, "reason": "--keep-full", "kept": True})
+                    free.put(work)
+                    continue
+                if not math.isfinite(norm):
+                    raise LorahubError("ΔW is not finite: the base or the tuned tensor holds NaN or Inf, or their "
+                                       "difference overflows float32", path=pair.tuned.path, key=pair.name)
+                if workers > 1:
+                    pending.append(pool.submit(factor, pair, matrix, norm, work))
                 else:
-                    report.changed.append({"tensor": pair.name, "reason": pair.reason, "kept": False})
-                continue
-            t0 = time.perf_counter()
-            assert pair.kind is not None
-            n = pair.out_features
-            matrix = pair.kind.math_view(stream.delta(pair, work.get(pair.numel)), n)
-            norm = float(torch.linalg.vector_norm(matrix))  # waits for the chunks' copies on CUDA
-            t1 = time.perf_counter()
-            timings["delta"] += t1 - t0
-            if norm == 0.0:
-                report.unchanged.append(pair.name)
-                continue
-            if not math.isfinite(norm):
-                raise LorahubError("ΔW is not finite: the base or the tuned tensor holds NaN or Inf, or their "
-                                   "difference overflows float32", path=pair.tuned.path, key=pair.name)
-            generator = torch.Generator(device=dev)
-            generator.manual_seed((seed * 1_000_003 + zlib.crc32(pair.name.encode())) % (1 << 63))
-            decomposition = decompose(matrix, conv_rule if pair.spatial else rule, energy=norm * norm, exact=exact,
-                                      power_iters=power_iters, oversample=oversample, generator=generator,
-                                      split=split)
-            r = decomposition.rank
-            up, down = decomposition.up, decomposition.down
-            out_dtype = dtype or ST_DTYPES[pair.tuned.dtype]
-            up_cpu = up.to(out_dtype).cpu()
-            down_cpu = down.to(out_dtype).cpu()
-            residual = residual_norm(matrix, up, down)
-            del up, down
-            S = decomposition.S
-            rel = min(residual / norm, 1.0)
-            optimal = ratio = None
-            if decomposition.exact:
-                total = float((S * S).sum())
-                optimal = math.sqrt(float((S[r:] * S[r:]).sum()) / total) if total > 0 else 0.0
-                ratio = rel / optimal if optimal > NOISE_FLOOR else None
-            dropped = float(S[r] / S[0]) if r < S.shape[0] and float(S[0]) > 0 else 0.0
-            layers[pair.target or pair.name] = _layer(pair, up_cpu, down_cpu)
-            report.layers.append(LayerExtract(
-                target=pair.target or pair.name, tensor=pair.name, kind=pair.kind.name, kernel=pair.kernel,
-                shape=list(pair.shape), rank=r, alpha=float(r), svd="exact" if decomposition.exact else "randomized",
-                sketch=decomposition.sketch, norm=norm, rel_error=rel, energy_retained=max(0.0, 1.0 - rel * rel),
-                fro_retained=math.sqrt(max(0.0, 1.0 - rel * rel)), max_dropped_ratio=dropped,
-                optimal_rel_error=optimal, error_ratio=ratio))
-            timings["svd"] += time.perf_counter() - t1
+                    factor(pair, matrix, norm, work)
+            for future in pending:
+                future.result()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
         report.bytes_read = stream.bytes_read
         report.stage_seconds = {**{k: round(v, 3) for k, v in stream.read_seconds.items()},
                                 **{k: round(v, 3) for k, v in timings.items()},
                                 "wall": round(time.perf_counter() - began, 3)}
-    return layers, full
+    order = [pair.target or pair.name for pair in plan.pairs if (pair.target or pair.name) in rows]
+    report.layers = [rows[name] for name in order]
+    return {name: layers[name] for name in order}, full
+
+
+def _factor(pair: Pair, matrix: torch.Tensor, norm: float, *, rule: RankRule, dtype: torch.dtype | None,
+            split: str, exact: bool, power_iters: int, oversample: int,
+            seed: int) -> tuple[str, LayerExtract, LoraLayer]:
+    """One layer: the factors of its ΔW (`matrix`, overwritten with the residual), their measured error."""
+    assert pair.kind is not None
+    generator = torch.Generator(device=matrix.device)
+    generator.manual_seed((seed * 1_000_003 + zlib.crc32(pair.name.encode())) % (1 << 63))
+    decomposition = decompose(matrix, rule, energy=norm * norm, exact=exact, power_iters=power_iters,
+                              oversample=oversample, generator=generator, split=split)
+    r = decomposition.rank
+    up, down = decomposition.up, decomposition.down
+    out_dtype = dtype or ST_DTYPES[pair.tuned.dtype]
+    up_cpu, down_cpu = up.to(out_dtype).cpu(), down.to(out_dtype).cpu()
+    residual = residual_norm(matrix, up, down)
+    S = decomposition.S
+    rel = min(residual / norm, 1.0)
+    optimal = ratio = None
+    if decomposition.exact:
+        total = float((S * S).sum())
+        optimal = math.sqrt(float((S[r:] * S[r:]).sum()) / total) if total > 0 else 0.0
+        ratio = rel / optimal if optimal > NOISE_FLOOR else None
+    dropped = float(S[r] / S[0]) if r < S.shape[0] and float(S[0]) > 0 else 0.0
+    name = pair.target or pair.name
+    energy = max(0.0, 1.0 - rel * rel)
+    row = LayerExtract(
+        target=name, tensor=pair.name, kind=pair.kind.name, kernel=pair.kernel, shape=list(pair.shape), rank=r,
+        alpha=float(r), svd="exact" if decomposition.exact else "randomized", sketch=decomposition.sketch,
+        norm=norm, rel_error=rel, energy_retained=energy, fro_retained=math.sqrt(energy),
+        max_dropped_ratio=dropped, optimal_rel_error=optimal, error_ratio=ratio)
+    return name, row, _layer(pair, up_cpu, down_cpu)
