@@ -38,6 +38,8 @@ THROTTLE_ENV = "LORAHUB_EXTRACT_THROTTLE_S"
 # below this relative error a layer is exact to float32 precision (ΔW itself is rounded float32): an
 # error ratio against an optimum that small compares rounding noise, and is not reported
 NOISE_FLOOR = 1e-5
+# CPU: the float32 ΔW buffers of the workers factoring layers side by side stay within this
+WORK_BUDGET = 2 << 30
 # progress(total_bytes) -> a context manager yielding advance(nbytes), e.g. lorahub.ui.byte_progress
 ProgressFactory = Callable[[int], ContextManager[Callable[[int], None]]]
 
@@ -281,6 +283,8 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
     conv_rule = rule.with_cap(conv_rank) if conv_rank is not None else rule
     kwargs = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
     workers = default_workers(dev) if dev.type == "cpu" else 1
+    largest = max((pair.numel * 4 for pair in plan.lora_pairs), default=1)
+    workers = max(1, min(workers, WORK_BUDGET // largest))  # one float32 ΔW buffer per worker
     free: queue.Queue = queue.Queue()  # work buffers: one per worker, one more being filled
     for _ in range(workers + 1 if workers > 1 else 1):
         free.put(_Work(dev))
