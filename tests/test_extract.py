@@ -341,6 +341,54 @@ def test_sd_single_file_checkpoints_extract_with_diffusers_names(tmp_path, tiny_
         assert _rel(_adapter_delta(layer), _adapter_delta(folder.adapter.layers[target])) <= 1e-5, target
 
 
+def test_sd_single_file_with_a_text_encoder_needs_a_multi_component_format(tmp_path, tiny_unet_dir):
+    """UNet + CLIP text encoder in one checkpoint: kohya names both (`lora_unet_…`, `lora_te_…`); a PEFT
+    directory cannot hold both, which is refused before anything is read."""
+    from safetensors.torch import load_file
+
+    tuned_dir = tmp_path / "tuned"
+    _tuned_copy(tiny_unet_dir, tuned_dir, _unet_change)
+    gen = torch.Generator().manual_seed(2)
+    clip = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    weight = torch.randn(32, 32, generator=gen)
+    for folder, name, value in ((tiny_unet_dir, "base", weight), (tuned_dir, "tuned", weight + 0.01)):
+        _sd_single_file(folder, tmp_path / f"{name}.safetensors")
+        state = load_file(str(tmp_path / f"{name}.safetensors"))
+        state[clip] = value.contiguous()
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+    with pytest.raises(OptionError, match="--to kohya or --to diffusers"):
+        extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "o", rank=4)
+    out = tmp_path / "lora.safetensors"
+    extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", out, rank=4, to_format="kohya",
+            device="cpu")
+    adapter = load_adapter(out)
+    assert adapter.layers["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"].source_name == \
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert json.loads(adapter.metadata["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4"}
+
+
+def test_dynamic_ranks_become_peft_rank_patterns(tmp_path, tiny_llama_dir):
+    """Per-layer ranks (sv_fro) give `rank_pattern`/`alpha_pattern`; PEFT loads them and its merge is the
+    tuned model."""
+    def change(name, w, gen):
+        if w.ndim == 2 and "embed" not in name:
+            return w + _low_rank(tuple(w.shape), 3 if "q_proj" in name else 5, 0.05, gen)
+        return None
+
+    deltas = _tuned_copy(tiny_llama_dir, tmp_path / "tuned", change)
+    out = tmp_path / "lora"
+    result = extract(tiny_llama_dir, tmp_path / "tuned", out, method="sv_fro", param=0.99999, device="cpu")
+    ranks = {row.target: row.rank for row in result.report.layers}
+    assert {r for t, r in ranks.items() if "q_proj" in t} == {3} and {r for t, r in ranks.items()
+                                                                     if "q_proj" not in t} == {5}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 5 and set(config["rank_pattern"].values()) == {3}
+    merged = peft_merged_state_dict(tiny_llama_dir, out)
+    base_state = load_file_state(tiny_llama_dir / "model.safetensors")
+    for name, delta in deltas.items():
+        assert _rel(merged[name] - base_state[name].double(), delta) <= 1e-5, name
+
+
 # ---------------------------------------------------------------------------------------------
 # GPT-2 Conv1D, --keep-full, embeddings
 

@@ -89,8 +89,7 @@ def extract_command(base: str, tuned: str, rank: int | None, rank_method: str, p
     \b
     Examples:
       lorahub extract --base ./Llama-3-8B --tuned ./Llama-3-8B-ft --rank 64 -o ./ft-lora
-      lorahub extract --base ./sd15.safetensors --tuned ./model.safetensors --rank 32 --conv-rank 16 \\
-          --to kohya -o ft.safetensors
+      lorahub extract --base sd15.safetensors --tuned ft.safetensors -r 32 --to kohya -o ft-lora.safetensors
       lorahub extract --base ./base --tuned ./ft --rank-method sv_fro --param 0.9 --rank 128 -o ./lora --json
     """
     from ..extract import check_options, extract

@@ -13,6 +13,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import queue
@@ -194,6 +195,15 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path | None = None, 
     start = time.perf_counter()
     plan = plan_extract(base, tuned, include=include, exclude=exclude, keep_full=keep_full,
                         lora_embeddings=lora_embeddings)
+    if to_format == "peft" and plan.has_components:
+        from ..formats.common import component_of
+
+        components = sorted({component_of(pair.target or "") or "" for pair in plan.pairs
+                             if pair.role in ("lora", "full")})
+        if len(components) > 1:
+            raise OptionError(f"a PEFT directory holds one model, and these layers span the components "
+                              f"{', '.join(components)}: pass --to kohya or --to diffusers, or --include "
+                              f"'{components[0]}.*'")
     dev = resolve_device(device)
     inputs = [("base", Path(str(base)).expanduser()), ("tuned", Path(str(tuned)).expanduser())]
     report = ExtractReport(excluded=plan.excluded, device=str(dev), options={
@@ -248,9 +258,16 @@ def _adapter(plan: ExtractPlan, layers: dict[str, LoraLayer], full: dict[str, La
     if full:  # exact module paths: PEFT matches modules_to_save entries as name suffixes
         config["modules_to_save"] = sorted({name.rsplit(".", 1)[0].partition(".")[2] if plan.has_components
                                             else name.rsplit(".", 1)[0] for name in full})
+    ranks = sorted({layer.rank for layer in layers.values()})
+    what = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    metadata = {"ss_training_comment": f"extracted by lorahub ({what}) from {plan.tuned.source} against "
+                                       f"{plan.base.source}"}
+    conv = sorted({layer.rank for layer in layers.values() if layer.is_spatial})
+    if conv:  # kohya LoCon: the conv ranks, as kohya's own extract writes them
+        conv_dim = str(conv[0]) if len(conv) == 1 else "Dynamic"
+        metadata["ss_network_args"] = json.dumps({"conv_dim": conv_dim, "conv_alpha": conv_dim})
     return Adapter(path=None, format="peft", layers=layers, full_tensors=full, base_model=base_name, config=config,
-                   has_components=plan.has_components,
-                   metadata={"lorahub.extracted_from": plan.tuned.source})
+                   has_components=plan.has_components, metadata=metadata)
 
 
 def _run(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch.device, *, conv_rank: int | None,
