@@ -540,7 +540,9 @@ def _start(base, tuned, out, *extra, throttle="0.3"):
     env = dict(os.environ, LORAHUB_EXTRACT_THROTTLE_S=throttle, LORAHUB_NO_PROGRESS="1")
     return subprocess.Popen([sys.executable, "-m", "lorahub.cli", "extract", "--base", str(base), "--tuned",
                              str(tuned), "--rank", "2", "-o", str(out), "--device", "cpu", *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # a pytest started in the background (`… &`) ignores SIGINT, and so would the child
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _interrupt_mid_run(proc, out: Path, sig) -> None:
