@@ -312,6 +312,23 @@ def test_sd_unet_convs_extract_to_kohya_that_diffusers_fuses_back(tmp_path, tiny
             assert torch.allclose(fused[name], value, atol=1e-6, rtol=1e-5), name
 
 
+def test_sd_unet_to_diffusers_format_fuses_back(tmp_path, tiny_unet_dir):
+    """The same UNet extraction as a diffusers file (PEFT-style keys, LoraConfig in the metadata), with
+    per-layer ranks (conv 3×3 at --conv-rank): diffusers' loader gives every layer its exact scale."""
+    _tuned_copy(tiny_unet_dir, tmp_path / "tuned", _unet_change)
+    out = tmp_path / "unet_lora.safetensors"
+    result = extract(tiny_unet_dir, tmp_path / "tuned", out, rank=4, conv_rank=3, to_format="diffusers",
+                     device="cpu")
+    ranks = {(row.kernel, row.rank) for row in result.report.layers}
+    assert ("3x3", 3) in ranks and ("", 4) in ranks and ("1x1", 4) in ranks
+    fused = reference_fused_unet_state_dict(tiny_unet_dir, out)
+    expected = {row.tensor.removeprefix("unet."): layer for row, layer in zip(result.report.layers,
+                                                                            result.adapter.layers.values())}
+    base_state = load_file_state(tiny_unet_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    for name, layer in expected.items():
+        assert _rel(fused[name].double() - base_state[name].double(), _adapter_delta(layer)) <= 1e-5, name
+
+
 def _sd_single_file(unet_dir: Path, out: Path) -> None:
     from diffusers import UNet2DConditionModel
 
