@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the read and of lorahub (median)")
     parser.add_argument("--cli-repeats", type=int, default=1, help="runs of the CLI in a fresh process")
     parser.add_argument("--dense-samples", type=int, default=None,
-                        help="layers per shape timed by the dense route (default 1 on the CPU, 2 on CUDA)")
+                        help="layers per shape timed by the dense route (default 1)")
     parser.add_argument("--dense-all", action="store_true", help="time the dense route on every layer")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--shard-gb", type=float, default=5.0)
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work / "out-cli", ignore_errors=True)
 
     # dense route: sampled layers of each shape, scaled to all of them
-    samples = args.dense_samples if args.dense_samples is not None else (2 if device.type == "cuda" else 1)
+    samples = args.dense_samples if args.dense_samples is not None else 1
     index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name, s in linears:
