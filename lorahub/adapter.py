@@ -263,6 +263,9 @@ class Adapter:
     has_components: bool = False
     # extra keys in the file that no layer claims (reported by inspect, kept by writers where possible)
     extra_keys: list[str] = field(default_factory=list)
+    # what the reader ignored or corrected, one line each (e.g. fan_in_fan_out on Linear layers): every
+    # command that reads the adapter reports them
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ranks(self) -> list[int]:
@@ -287,8 +290,25 @@ class Adapter:
             return "<memory>"
         return self.path.name
 
+    def nonfinite_alphas(self) -> list[LoraLayer]:
+        """Layers whose alpha is NaN or ±Inf (a kohya `.alpha` tensor, `lora_alpha`/`alpha_pattern`): their
+        scale, and so their delta, is not a number."""
+        return [layer for layer in self.layers.values() if not math.isfinite(layer.alpha)]
+
+    def require_finite_alphas(self, operation: str) -> None:
+        """Refuse an adapter whose alpha is NaN/Inf somewhere, naming the first such module."""
+        bad = self.nonfinite_alphas()
+        if bad:
+            layer = bad[0]
+            name = f" ({layer.source_name})" if layer.source_name and layer.source_name != layer.target else ""
+            more = f" (and {len(bad) - 1} more modules)" if len(bad) > 1 else ""
+            raise LorahubError(f"alpha of module '{layer.target}'{name} is {layer.alpha} (not a finite number)"
+                               f"{more}; {operation} refuses it", path=self.path)
+
     def require_lora(self, operation: str) -> None:
-        """Refuse operations that need math lorahub does not have (LyCORIS, exotic PEFT variants)."""
+        """Refuse operations that need math lorahub does not have (LyCORIS, exotic PEFT variants), and
+        adapters whose scale is not a number (NaN/Inf alpha)."""
+        self.require_finite_alphas(operation)
         if self.unsupported_variant:
             raise LorahubError(f"{operation} is not supported for {self.unsupported_variant} adapters: their "
                                f"delta is not s·B·A", path=self.path)

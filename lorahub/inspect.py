@@ -24,8 +24,30 @@ def _distribution(values: list[Any]) -> dict[str, int]:
     return {str(k): v for k, v in sorted(Counter(values).items(), key=lambda kv: (-kv[1], str(kv[0])))}
 
 
-def _number(value: float) -> float | int:
+def _number(value: float) -> float | int | str:
+    """16.0 → 16; NaN/Inf as the strings "NaN", "Infinity", "-Infinity" (the JSON output stays JSON)."""
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return int(value) if float(value).is_integer() else round(float(value), 8)
+
+
+def alpha_problems(adapter: Adapter) -> list[dict[str, Any]]:
+    """NaN/Inf alphas, reported like NaN/Inf tensors ({key, nan, inf}) plus the module and its alpha; the
+    key is the module's `.alpha` in the file (kohya), or the config field it came from."""
+    found = []
+    bad = adapter.nonfinite_alphas()
+    keys: set[str] = set()
+    if bad:
+        for file in adapter.files:
+            if Path(file).suffix == ".safetensors":
+                keys.update(open_safetensors(file).header.tensors)
+    for layer in bad:
+        source = f"{layer.source_key}.alpha"
+        if source not in keys:
+            source = "lora_alpha / alpha_pattern in the config"
+        found.append({"key": source, "module": layer.target, "alpha": _number(layer.alpha),
+                      "nan": int(math.isnan(layer.alpha)), "inf": int(math.isinf(layer.alpha))})
+    return found
 
 
 # neighbouring tensors of one dtype are read and tested together: up to this many bytes at once,
@@ -160,8 +182,11 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
         ],
     }
     unsupported = adapter.unsupported_variant
+    warnings = list(adapter.warnings)
     if unsupported:
-        info["warnings"] = [f"PEFT variant {unsupported}: its delta is not s·B·A; merge/resize/blend refuse it"]
+        warnings.append(f"PEFT variant {unsupported}: its delta is not s·B·A; merge/resize/blend refuse it")
+    if warnings:
+        info["warnings"] = warnings
     for file in adapter.files:
         entry: dict[str, Any] = {"path": str(file), "size": Path(file).stat().st_size}
         if read_data:
@@ -173,7 +198,9 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
         info["files"].append(entry)
     info["file_size"] = sum(entry["size"] for entry in info["files"])
     if read_data:
-        info["nonfinite"] = scan_nonfinite(adapter)
+        info["nonfinite"] = scan_nonfinite(adapter) + alpha_problems(adapter)
+    elif adapter.nonfinite_alphas():  # alphas are known from headers and configs: report them all the same
+        info["nonfinite"] = alpha_problems(adapter)
     if spectrum:
         from .lowrank import effective_rank
         from .resize import layer_spectra
@@ -192,7 +219,10 @@ def nonfinite_error(info: dict[str, Any]) -> LorahubError | None:
     if not bad:
         return None
     first = bad[0]
-    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-    return LorahubError(f"{first['nan']} NaN and {first['inf']} Inf values{more}",
-                        path=info["files"][0]["path"] if info["files"] else info["path"], key=first["key"])
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    path = info["files"][0]["path"] if info["files"] else info["path"]
+    if "module" in first:
+        return LorahubError(f"alpha of module '{first['module']}' is {first['alpha']} ({first['key']}){more}",
+                            path=path)
+    return LorahubError(f"{first['nan']} NaN and {first['inf']} Inf values{more}", path=path, key=first["key"])
 

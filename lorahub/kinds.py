@@ -183,6 +183,14 @@ def kind_of(layer: "LoraLayer", conv1d: bool | None = None) -> LayerKind:
     return kind
 
 
+def conv1d_by_name(target: str, component: bool = False) -> bool:
+    """Offline (no base at hand): whether a module may be a transformers Conv1D, by its name alone: its
+    leaf is a Conv1D leaf name (`c_attn`, ...) and it is not in a diffusers component (`component`).
+    Any other module is an ordinary layer whatever an adapter's `fan_in_fan_out` says (PEFT ignores the
+    flag for `nn.Linear`); with a base, the base decides (`lorahub.names.base_conv1d`)."""
+    return not component and target.rsplit(".", 1)[-1] in CONV1D_LEAVES
+
+
 def factor_kind(a_shape: Shape, embedding: bool = False) -> str:
     """The kind a pair of factors describes by their shapes alone (format readers)."""
     if embedding:

@@ -91,7 +91,8 @@ def write(adapter: Adapter, out: Path) -> Path:
         raise LorahubError("diffusers LoRA files cannot carry full replacement tensors (modules_to_save: "
                            f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)
     metadata = {"format": "pt", COMPONENTS_METADATA: "1" if has_components else "0", LAYERS_METADATA: json.dumps(
-        {key: layer_entry(layer) for key, layer in keyed.items() if layer.fan_in_fan_out}, sort_keys=True)}
+        {key: {**layer_entry(layer), "target": key} for key, layer in keyed.items() if layer.fan_in_fan_out},
+        sort_keys=True)}
     if configs:
         metadata["lora_adapter_metadata"] = json.dumps(configs, sort_keys=True)
     if adapter.base_model:
