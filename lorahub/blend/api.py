@@ -13,11 +13,10 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
-import torch
-
 from ..adapter import ST_DTYPES, Adapter, LazyTensor, LoraLayer
 from ..devices import map_layers, resolve_device
 from ..errors import LorahubError, OptionError, UnsupportedError
+from ..lazy import LazyDict, torch
 from ..names import different_models, model_evidence, renamed_modules
 from .registry import (
     DEFAULT_METHOD,
@@ -35,7 +34,9 @@ BASE_METADATA = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_sd_m
                  "ss_new_sd_model_hash", "modelspec.sai_model_spec", "modelspec.architecture",
                  "modelspec.implementation", "modelspec.resolution", "modelspec.prediction_type",
                  "lorahub.component")
-OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# built (and torch imported) on first use
+OUTPUT_DTYPES: LazyDict[str, torch.dtype] = LazyDict(
+    lambda: {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16})
 
 
 @dataclass

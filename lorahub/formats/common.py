@@ -8,11 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..adapter import Adapter, LazyTensor, LoraLayer
 from ..errors import LorahubError
 from ..kinds import CONV, CONV1D, EMBEDDING, KINDS, LINEAR, conv1d_by_name, factor_kind
+from ..lazy import torch
 from ..storage import SafetensorsHeader, TensorInfo, is_pickle_path, load_pickle_state_dict, open_safetensors
 
 # substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights

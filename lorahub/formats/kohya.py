@@ -9,11 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
+from ..lazy import save_file, torch
 from .common import (
     COMPONENTS_METADATA,
     LAYERS_METADATA,

@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
 from ..kinds import EMBEDDING, LINEAR, conv1d_by_name
+from ..lazy import save_file, torch
 from .common import (
     TensorSource,
     check_pair,
