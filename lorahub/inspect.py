@@ -90,11 +90,11 @@ def scan_nonfinite(adapter: Adapter) -> list[dict[str, Any]]:
     """Every tensor with NaN or Inf values ({key, nan, inf}), in the adapter's order.
 
     Tensors in safetensors files are tested straight from the file's bytes: runs of neighbouring
-    tensors of one dtype are read with one call and tested with one `isfinite` (an adapter of 300,000
-    small tensors otherwise spends seconds in per-tensor calls), and NaN/Inf are counted per tensor
-    only in a run where the test finds something. Tensors in memory are tested one by one. FP8 is
-    widened first (it has no isinf kernel). The test of a run is `has_nonfinite` on its bytes, without
-    torch; torch counts NaN/Inf only where it finds something (so inspect imports torch only then)."""
+    tensors of one dtype are read with one call and tested at once by `has_nonfinite`, without torch
+    (an adapter of 300,000 small tensors otherwise spends seconds in per-tensor calls), and NaN/Inf are
+    counted per tensor, with torch, only in a run where the test finds something (so inspect imports
+    torch only then). Tensors in memory are tested one by one. FP8 is widened first for the count (it
+    has no isinf kernel)."""
     tensors: list[LazyTensor] = []
     for layer in adapter.layers.values():
         tensors += [layer.A, layer.B] + [t for t in (layer.magnitude, layer.bias) if t is not None]
