@@ -37,3 +37,10 @@ def test_bench_resize_tiny(bench, capsys):
     assert bench("bench_resize").main(["--tiny", "--device", "cpu", "--repeats", "1", "--per-layer-repeats", "1",
                                        "--dense-samples", "0", "--no-io"]) == 0
     assert "RATIO per-layer / batched" in capsys.readouterr().out
+
+
+def test_bench_startup_smoke(bench, capsys):
+    assert bench("bench_startup").main(["--repeats", "1", "--commands", "help,inspect-headers", "--bytecode", "as-is",
+                                        "--no-torch-reference"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("lorahub --", "lorahub inspect"))]
+    assert len(rows) == 2 and all(row.endswith("  none") for row in rows), rows

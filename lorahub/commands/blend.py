@@ -180,7 +180,7 @@ def _run(adapter_args, weights, *, out, overwrite, method, to_format, dtype, dev
                                inputs=[("adapter", p) for a in adapters for p in adapter_sources(a)])
     report = result.report.to_dict()
     summary = {k: v for k, v in report["summary"].items() if k != "layers"}
-    warnings = []
+    warnings = [f"{adapter.name}: {line}" for adapter in adapters for line in adapter.warnings]
     if report["dropped_full_tensors"]:
         warnings.append(f"left out full tensors: {', '.join(report['dropped_full_tensors'])}")
     if summary["dropped"]:

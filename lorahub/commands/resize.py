@@ -96,8 +96,9 @@ def resize(adapter: str, rank: int | None, rank_method: str, param: float | None
         written = save_adapter(resized, out, format=fmt, overwrite=overwrite)
     seconds = time.perf_counter() - start
     summary = report.summary()
-    warnings = [f"{summary['zero']} layer(s) have an all-zero delta; written as rank-1 zero factors"] \
-        if summary["zero"] else []
+    warnings = list(source.warnings)
+    if summary["zero"]:
+        warnings.append(f"{summary['zero']} layer(s) have an all-zero delta; written as rank-1 zero factors")
     if as_json:
         print_json(ok_payload({
             "path": str(source.path), "out": str(written), "from": source.format, "format": fmt,

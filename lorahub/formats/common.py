@@ -8,11 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..adapter import Adapter, LazyTensor, LoraLayer
 from ..errors import LorahubError
-from ..kinds import CONV, factor_kind
+from ..kinds import CONV, CONV1D, EMBEDDING, KINDS, LINEAR, conv1d_by_name, factor_kind
+from ..lazy import torch
 from ..storage import SafetensorsHeader, TensorInfo, is_pickle_path, load_pickle_state_dict, open_safetensors
 
 # substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights
@@ -134,6 +133,29 @@ def component_of(target: str) -> str | None:
     return head if head in COMPONENTS else None
 
 
+def settle_fan_in_fan_out(adapter: Adapter) -> None:
+    """PEFT decides a layer's orientation by its type and ignores `fan_in_fan_out` for `nn.Linear` (with
+    a warning): a layer whose name says it is not a transformers Conv1D (`kinds.conv1d_by_name`) is an
+    ordinary layer whatever the file says, and the adapter says so once. Conv and embedding layers have
+    no such flag (their factor shapes say what they are). With a base, the base decides again at merge."""
+    ignored = []
+    for layer in adapter.layers.values():
+        kind = layer.geometry
+        if kind not in (LINEAR, CONV1D):
+            layer.fan_in_fan_out = False
+            continue
+        if kind is LINEAR:
+            continue
+        component = component_of(layer.target) if adapter.has_components else infer_component(layer.target)
+        if not conv1d_by_name(layer.target, component is not None):
+            ignored.append(layer.target)
+            layer.fan_in_fan_out, layer.kind = False, LINEAR.name
+    if ignored:
+        adapter.warnings.append(
+            f"fan_in_fan_out=true on {len(ignored)} layer(s) that are not transformers Conv1D layers (e.g. "
+            f"'{ignored[0]}'): ignored, as PEFT ignores it for nn.Linear (ΔW is not transposed)")
+
+
 # lorahub writes each module's exact target, kind and orientation here (JSON), so round trips through
 # kohya files need no name guessing and keep embedding / Conv1D layers what they were
 LAYERS_METADATA = "lorahub.layers"
@@ -141,6 +163,32 @@ LAYERS_METADATA = "lorahub.layers"
 
 def layer_entry(layer: LoraLayer) -> dict:
     return {"target": layer.target, "kind": layer.kind, "fan_in_fan_out": layer.fan_in_fan_out}
+
+
+def checked_kind(path: Path, module: str, entry: dict, down: LazyTensor, up: LazyTensor, *,
+                 embedding_keys: bool | None = None) -> str:
+    """A layer's kind: what the factor shapes say (≥ 3-D factors: a convolution) and, in PEFT-style files,
+    the keys (`lora_embedding_A` or `lora_A`); `lorahub.layers` metadata only tells apart what they leave
+    open (a 2-D pair in a kohya file: linear, Conv1D or embedding). Metadata the tensors contradict is
+    refused, naming the module: obeying it would apply another delta than the file's."""
+    evidence = factor_kind(down.shape, bool(embedding_keys))
+    declared = entry.get("kind")
+    if declared in (None, ""):
+        return evidence
+    if not isinstance(declared, str) or declared not in KINDS:
+        raise LorahubError(f"{LAYERS_METADATA} says module '{module}' is a {declared!r} layer, which is no layer "
+                           f"kind ({', '.join(KINDS)})", path=path)
+    matrices = len(down.shape) == 2 and len(up.shape) == 2
+    fits = (len(down.shape) > 2) if KINDS[declared] is CONV else matrices
+    if fits and embedding_keys is not None:
+        fits = (KINDS[declared] is EMBEDDING) == embedding_keys
+    if not fits:
+        keys = "" if embedding_keys is None else \
+            (" (lora_embedding_A/B keys)" if embedding_keys else " (lora_A/lora_B keys)")
+        raise LorahubError(f"{LAYERS_METADATA} says module '{module}' is a {declared} layer but its factors are "
+                           f"A {list(down.shape)}, B {list(up.shape)}{keys}: the metadata contradicts the "
+                           "tensors", path=path)
+    return declared
 
 
 def read_layers_metadata(metadata: dict[str, str]) -> dict[str, dict]:
@@ -252,7 +300,11 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
             adapter.extra_keys.append(key)
             continue
         module, label = split
-        groups.setdefault(_module_name(module), {})[label] = key
+        group = groups.setdefault(_module_name(module), {})
+        if label in group:  # `a.processor.to_q` and `a.to_q`: two tensors for one module
+            raise LorahubError(f"'{group[label]}' and '{key}' are the same tensor of module '{_module_name(module)}'",
+                               path=path)
+        group[label] = key
     for module, keys in groups.items():
         embedding = "embA" in keys or "embB" in keys
         down_label, up_label = ("embA", "embB") if embedding else ("A", "B")
@@ -274,8 +326,12 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
                                         config.get("lora_alpha", config.get("r", rank))))
             use_rslora = bool(config.get("use_rslora", False))
         entry = known.get(module, {})
+        if entry and entry.get("target") != module:
+            raise LorahubError(f"{LAYERS_METADATA} maps module '{module}' to target {entry.get('target')!r}: the "
+                               "metadata contradicts the keys", path=path)
         adapter.layers[module] = LoraLayer(
-            target=module, kind=layer_kind(down.shape, embedding), A=down, B=up, alpha=alpha, rank=rank,
+            target=module, kind=checked_kind(path, module, entry, down, up, embedding_keys=embedding),
+            A=down, B=up, alpha=alpha, rank=rank,
             use_rslora=use_rslora, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
             magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
             bias=source.lazy(keys["bias"]) if "bias" in keys else None, source_key=module)
@@ -284,4 +340,5 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
     else:
         adapter.has_components = bool(adapter.layers) and all(
             target.split(".", 1)[0] in COMPONENTS for target in adapter.layers)
+    settle_fan_in_fan_out(adapter)
     return adapter

@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
 from ..kinds import EMBEDDING
+from ..lazy import save_file, torch
 from .common import (
     COMPONENTS_METADATA,
     LAYERS_METADATA,
@@ -91,7 +89,8 @@ def write(adapter: Adapter, out: Path) -> Path:
         raise LorahubError("diffusers LoRA files cannot carry full replacement tensors (modules_to_save: "
                            f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)
     metadata = {"format": "pt", COMPONENTS_METADATA: "1" if has_components else "0", LAYERS_METADATA: json.dumps(
-        {key: layer_entry(layer) for key, layer in keyed.items() if layer.fan_in_fan_out}, sort_keys=True)}
+        {key: {**layer_entry(layer), "target": key} for key, layer in keyed.items() if layer.fan_in_fan_out},
+        sort_keys=True)}
     if configs:
         metadata["lora_adapter_metadata"] = json.dumps(configs, sort_keys=True)
     if adapter.base_model:

@@ -120,3 +120,11 @@ def target_to_kohya(target: str, components: set[str | None], has_components: bo
             prefix = f"lora_{component}_"
         return prefix + rest.replace(".", "_")
     return "lora_" + target.replace(".", "_")
+
+
+def kohya_name_fits(name: str, target: str) -> bool:
+    """Whether a dotted target can be what a kohya module name flattens (`lora_unet_a_b` fits `unet.a.b`
+    and a bare `a.b`): what a file's `lorahub.layers` metadata says about a module must fit its keys."""
+    flat = target.replace(".", "_")
+    rest = kohya_split_prefix(name)[1]
+    return bool(rest) and (flat == rest or flat == name or flat.endswith("_" + rest))

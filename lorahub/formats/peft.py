@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from ..kinds import CONV1D_LEAVES, EMBEDDING
+from ..kinds import EMBEDDING, LINEAR, conv1d_by_name
+from ..lazy import save_file, torch
 from .common import (
     TensorSource,
     check_pair,
@@ -21,6 +19,7 @@ from .common import (
     pattern_value,
     peft_magnitude,
     read_peft_style_file,
+    settle_fan_in_fan_out,
 )
 from .spec import Format
 
@@ -134,14 +133,16 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
                                f"(r / rank_pattern); PEFT would refuse to load it", path=weights,
                                key=keys[down_label])
         alpha = number("alpha_pattern", pattern_value(config.get("alpha_pattern"), module, default_alpha), float)
-        leaf = module.rsplit(".", 1)[-1]
+        kind = layer_kind(down.shape, embedding)
         adapter.layers[_qualify(component, module)] = LoraLayer(
-            target=_qualify(component, module), kind=layer_kind(down.shape, embedding),
+            target=_qualify(component, module), kind=kind,
             A=down, B=up, alpha=alpha, rank=rank, use_rslora=use_rslora,
-            fan_in_fan_out=(fan_in_fan_out or leaf in CONV1D_LEAVES) and not embedding,
+            # PEFT forces the flag for Conv1D layers and ignores it for others (settled below)
+            fan_in_fan_out=(fan_in_fan_out or conv1d_by_name(module, bool(component))) and kind == LINEAR.name,
             magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
             bias=source.lazy(keys["bias"]) if "bias" in keys else None,
             source_key=PREFIX + module)
+    settle_fan_in_fan_out(adapter)
     return adapter
 
 
