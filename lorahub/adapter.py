@@ -41,6 +41,9 @@ def _st_dtypes() -> dict[str, torch.dtype]:
 # safetensors dtype names <-> torch dtypes (built, and torch imported, on first use)
 ST_DTYPES: LazyDict[str, torch.dtype] = LazyDict(_st_dtypes)
 TORCH_TO_ST: LazyDict[torch.dtype, str] = LazyDict(lambda: {v: k for k, v in ST_DTYPES.items()})
+# the dtypes LoRA factors can have: floating point that torch computes with (FP8 is widened first);
+# integer, boolean, unsigned, exponent-only (F8_E8M0) and packed 4/6-bit factors are refused by operations
+FACTOR_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -311,10 +314,24 @@ class Adapter:
             raise LorahubError(f"alpha of module '{layer.target}'{name} is {layer.alpha} (not a finite number)"
                                f"{more}; {operation} refuses it", path=self.path)
 
+    def odd_factor_dtypes(self) -> list[tuple[str, str]]:
+        """(key, dtype) of every factor tensor (A, B, DoRA magnitude, LoRA bias) whose dtype is not a
+        floating-point type lorahub computes with (`FACTOR_DTYPES`)."""
+        return [(tensor.key or layer.target, tensor.dtype) for layer in self.layers.values()
+                for tensor in (layer.A, layer.B, layer.magnitude, layer.bias)
+                if tensor is not None and tensor.dtype not in FACTOR_DTYPES]
+
     def require_lora(self, operation: str) -> None:
-        """Refuse operations that need math lorahub does not have (LyCORIS, exotic PEFT variants), and
-        adapters whose scale is not a number (NaN/Inf alpha)."""
+        """Refuse operations that need math lorahub does not have (LyCORIS, exotic PEFT variants),
+        adapters whose scale is not a number (NaN/Inf alpha), factors that are not floating point."""
         self.require_finite_alphas(operation)
+        odd = self.odd_factor_dtypes()
+        if odd:
+            key, dtype = odd[0]
+            more = f" (and {len(odd) - 1} more tensor{'s' if len(odd) > 2 else ''})" if len(odd) > 1 else ""
+            raise LorahubError(f"{operation} needs floating-point factors ({', '.join(FACTOR_DTYPES)}); this one "
+                               f"is {dtype}{more}", path=self.files[0] if len(self.files) == 1 else self.path,
+                               key=key)
         if self.unsupported_variant:
             raise LorahubError(f"{operation} is not supported for {self.unsupported_variant} adapters: their "
                                f"delta is not s·B·A", path=self.path)

@@ -124,11 +124,13 @@ def scan_nonfinite(adapter: Adapter) -> list[dict[str, Any]]:
             key = tensors[index].key
             info = file.header.tensors.get(key) if key is not None else None
             dtype = info.dtype if info is not None and info.dtype in ST_ITEMSIZE else None  # a dtype torch reads
-            if (info is None or dtype is None
-                    or info.end - info.begin != math.prod(info.shape) * ST_ITEMSIZE[info.dtype]):
-                check(index, tensors[index].load())  # missing, odd or corrupt: the loader says what is wrong
+            if info is not None and dtype is None:
+                continue  # U16, F8_E8M0, F4…: no values torch reads (describe warns about such factors)
+            if info is None or info.end - info.begin != math.prod(info.shape) * ST_ITEMSIZE[info.dtype]:
+                check(index, tensors[index].load())  # missing or corrupt: the loader says what is wrong
             elif dtype in _EXPONENT_BYTES and info.end > info.begin:
                 spans.append((info.begin, info.end, dtype, index))
+            # else integer, U16, F8_E8M0, F4…: no NaN/Inf for torch to test (describe warns about them)
         spans.sort(key=lambda span: span[0])
         run: list[tuple[int, int, str, int]] = []
         for span in spans + [None]:
@@ -139,7 +141,13 @@ def scan_nonfinite(adapter: Adapter) -> list[dict[str, Any]]:
                 # tested together, one by one only on a hit
                 start, dtype = run[0][0], run[0][2]
                 raw = bytearray(run[-1][1] - start)
-                file.read_range(start, run[-1][1], raw, key=tensors[run[0][3]].key)
+                try:
+                    file.read_range(start, run[-1][1], raw, key=tensors[run[0][3]].key)
+                except LorahubError:
+                    # name the tensor that cannot be read, not the first of the run
+                    for begin, end, _, index in run:
+                        file.read_range(begin, end, memoryview(raw)[begin - start:end - start], key=tensors[index].key)
+                    raise
                 if has_nonfinite(raw, dtype):
                     values = torch.frombuffer(raw, dtype=torch.uint8)
                     for begin, end, _, index in run:
@@ -214,6 +222,11 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
     warnings = list(adapter.warnings)
     if unsupported:
         warnings.append(f"PEFT variant {unsupported}: its delta is not s·B·A; merge/resize/blend refuse it")
+    odd = adapter.odd_factor_dtypes()
+    if odd:
+        odd_dtypes = ", ".join(sorted({dtype for _, dtype in odd}))
+        warnings.append(f"{len(odd)} factor tensors are {odd_dtypes}, not floating point (e.g. {odd[0][0]}); "
+                        "convert/resize/blend/merge refuse them")
     if warnings:
         info["warnings"] = warnings
     for file in adapter.files:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 
 from ..options import (
     all_layers_option,
@@ -18,7 +17,7 @@ from ..options import (
     split_option,
     torch_dtype_name,
 )
-from ..ui import byte_progress, console, err_console, human_bytes, ok_payload, print_json, table, warn
+from ..ui import byte_progress, console, err_console, human_bytes, ok_payload, print_json, safe, table, warn
 
 TABLE_LIMIT = 40  # layers listed in full; beyond that the lowest retained energy first (--all-layers for all)
 SHOWN = 8  # unchanged / changed tensors named in the text report
@@ -152,18 +151,18 @@ def _render(result, all_layers: bool) -> None:
     console.print(
         f"{summary['extracted']} layers extracted ({summary['randomized']} randomized, {summary['exact']} exact); "
         f"energy retained: mean {_pct(summary['energy_retained_mean'])}, worst "
-        f"{_pct(summary['energy_retained_min'])}" + (f" ({escape(worst.target)})" if worst else "") +
+        f"{_pct(summary['energy_retained_min'])}" + (f" ({safe(worst.target)})" if worst else "") +
         f"; {result.adapter.num_params:,} parameters")
     if report.unchanged:
         names = ", ".join(report.unchanged[:SHOWN]) + (f", … ({len(report.unchanged) - SHOWN} more)"
                                                       if len(report.unchanged) > SHOWN else "")
-        console.print(escape(f"unchanged, skipped: {len(report.unchanged)} tensor(s): {names}"))
+        console.print(safe(f"unchanged, skipped: {len(report.unchanged)} tensor(s): {names}"))
     kept = [entry["tensor"] for entry in report.changed if entry["kept"]]
     if kept:
-        console.print(escape(f"carried whole (--keep-full): {', '.join(kept)}"))
+        console.print(safe(f"carried whole (--keep-full): {', '.join(kept)}"))
     rate = report.bytes_read / report.seconds / 1e9 if report.seconds > 0 else 0.0
     console.print(f"read {human_bytes(report.bytes_read)} in {report.seconds:.2f} s ({rate:.2f} GB/s) on "
                   f"{report.device}")
     for line in result.warnings:
         warn(line)
-    err_console.print(escape(f"wrote {result.format} adapter to {result.out}"))
+    err_console.print(safe(f"wrote {result.format} adapter to {result.out}"))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ContextManager, Iterable, Literal
 
 from ..adapter import Adapter
 from ..errors import LorahubError
-from ..storage import is_pickle_path
+from ..storage import as_os_error, check_regular, is_pickle_path
 from .common import ADAPTER_KEY_MARKERS, TensorSource
 from .spec import Format
 
@@ -96,6 +96,7 @@ def load_adapter(path: Path | str, format: str | None = None, *, allow_pickle: b
     path = Path(path)
     if not path.exists():
         raise LorahubError("no such file or directory", path=path)
+    check_regular(path)  # a FIFO or a device: refused at once (reading one would block or never end)
     if format in (None, "auto"):
         for fmt in _by_priority():
             if fmt.detect_path is not None and fmt.detect_path(path):
@@ -183,7 +184,13 @@ def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None, *
     sources = [("adapter", p) for p in adapter_sources(adapter)]
     with output.write(path, kind=kind, overwrite=overwrite, inputs=[*inputs, *sources],
                       command=f"save {name}") as tmp:
-        fmt.write(adapter, tmp)
+        try:
+            fmt.write(adapter, tmp)
+        except Exception as exc:  # a full disk or a file-size limit inside a writer library: an OSError
+            error = as_os_error(exc, path)
+            if error is None or error is exc:
+                raise
+            raise error from None
     return path
 
 

@@ -12,7 +12,15 @@ from ..adapter import Adapter, LazyTensor, LoraLayer
 from ..errors import LorahubError
 from ..kinds import CONV, CONV1D, EMBEDDING, KINDS, LINEAR, conv1d_by_name, factor_kind
 from ..lazy import torch
-from ..storage import SafetensorsHeader, TensorInfo, is_pickle_path, load_pickle_state_dict, open_safetensors
+from ..storage import (
+    SafetensorsHeader,
+    TensorInfo,
+    is_pickle_path,
+    json_type,
+    load_pickle_state_dict,
+    open_safetensors,
+    parse_json,
+)
 
 # substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights
 ADAPTER_KEY_MARKERS = (".lora_A", ".lora_B", "lora_down", "lora_up", "lora_embedding_", ".alpha",
@@ -191,12 +199,68 @@ def checked_kind(path: Path, module: str, entry: dict, down: LazyTensor, up: Laz
     return declared
 
 
-def read_layers_metadata(metadata: dict[str, str]) -> dict[str, dict]:
-    try:
-        known = json.loads(metadata.get(LAYERS_METADATA, "{}"))
-        return {str(k): dict(v) for k, v in known.items() if isinstance(v, dict) and "target" in v}
-    except (ValueError, TypeError):
+def read_layers_metadata(metadata: dict[str, str], path: Path | str | None = None) -> dict[str, dict]:
+    """`lorahub.layers`: {file module name: {"target": str, "kind": str, "fan_in_fan_out": bool}}, or a
+    one-line error naming the file when it is not JSON of that shape."""
+    raw = metadata.get(LAYERS_METADATA)
+    if raw is None:
         return {}
+    what = f"metadata '{LAYERS_METADATA}'"
+    known = parse_json(raw, path, what=what)
+    if not isinstance(known, dict):
+        raise LorahubError(f"{what} must be a JSON object {{module: {{target, kind, fan_in_fan_out}}}}, found "
+                           f"{json_type(known)}", path=path)
+    for module, entry in known.items():
+        if not isinstance(entry, dict):
+            raise LorahubError(f"{what}: the entry of '{module}' is {json_type(entry)}, not an object", path=path)
+        # (`kind` is checked against the tensors by checked_kind)
+        for key, types, label in (("target", (str,), "a string"), ("fan_in_fan_out", (bool,), "true or false")):
+            if key in entry and entry[key] is not None and not isinstance(entry[key], types):
+                raise LorahubError(f"{what}: '{key}' of '{module}' must be {label}, found "
+                                   f"{json_type(entry[key])} {_shown(entry[key])}", path=path)
+    return {str(k): dict(v) for k, v in known.items() if isinstance(v.get("target"), str)}
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_lora_config(config: dict, path: Path | str | None, *, prefix: str = "", what: str = "") -> None:
+    """The LoraConfig fields lorahub reads have the JSON types PEFT gives them: strings, booleans,
+    numbers, and rank/alpha patterns whose keys are regular expressions. `prefix` is put before each
+    key in messages (`unet.` in a diffusers file's `lora_adapter_metadata`), `what` before the message."""
+    def fail(message: str) -> LorahubError:
+        return LorahubError(f"{what}{message}", path=path)
+
+    for key, label, ok in (
+            ("base_model_name_or_path", "a string", lambda v: isinstance(v, str)),
+            ("peft_type", "a string", lambda v: isinstance(v, str)),
+            ("use_rslora", "true or false", lambda v: isinstance(v, bool)),
+            ("fan_in_fan_out", "true or false", lambda v: isinstance(v, bool)),
+            ("r", "a number", _is_number),
+            ("lora_alpha", "a number", _is_number)):
+        value = config.get(key)
+        if value is not None and not ok(value):
+            raise fail(f"'{prefix}{key}' must be {label}, found {json_type(value)} {_shown(value)}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise fail(f"'{prefix}{key}' must be an object {{pattern: value}}, found {json_type(patterns)}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as exc:
+                raise fail(f"'{prefix}{key}': '{pattern}' is not a valid regular expression ({exc})") from None
+            if not _is_number(value):
+                raise fail(f"'{prefix}{key}': the value of '{pattern}' must be a number, found "
+                           f"{json_type(value)} {_shown(value)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +356,7 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
     metadata = source.metadata
     adapter = Adapter(path=path, format=format_name, metadata=metadata, files=[path],
                       base_model=metadata.get("lorahub.base_model"))
-    known = read_layers_metadata(metadata)
+    known = read_layers_metadata(metadata, path)
     groups: dict[str, dict[str, str]] = {}
     for key in source.keys():
         split = _split_peft_style(key)

@@ -63,7 +63,7 @@ def lycoris_keys(keys: list[str]) -> int:
 def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None = None) -> Adapter:
     source = source or TensorSource(path, allow_pickle=allow_pickle)
     metadata = source.metadata
-    known = read_layers_metadata(metadata)
+    known = read_layers_metadata(metadata, path)
 
     def target_of(module: str) -> str:
         """The module's target: lorahub's metadata where it fits the key names, else guessed from them."""
@@ -192,7 +192,7 @@ def on_resize(metadata: dict[str, str], report: Any) -> dict[str, str]:
         # kohya keeps stale conv_dim/conv_alpha here; they describe training, not this file any more
         try:
             parsed = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):  # not lorahub's to fix: the stale args stay as they were
             parsed = None
         if isinstance(parsed, dict) and ("conv_dim" in parsed or "conv_alpha" in parsed):
             conv = [layer for layer in report.layers if layer.kernel not in ("", "1x1")]

@@ -8,8 +8,10 @@ from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
 from ..kinds import EMBEDDING, LINEAR, conv1d_by_name
 from ..lazy import save_file, torch
+from ..storage import check_regular, read_json_file
 from .common import (
     TensorSource,
+    check_lora_config,
     check_pair,
     component_of,
     layer_kind,
@@ -42,6 +44,7 @@ SUFFIXES = {
 
 def detect(path: Path) -> bool:
     if path.is_dir():
+        check_regular(path / CONFIG)  # a FIFO or a device named adapter_config.json: refused, not skipped
         return (path / CONFIG).is_file()
     return path.is_file() and path.name in WEIGHTS and (path.parent / CONFIG).is_file()
 
@@ -56,17 +59,15 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         return _read_weights_only(path, source or TensorSource(path, allow_pickle=allow_pickle))
     directory = path if path.is_dir() else path.parent
     config_path = directory / CONFIG
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LorahubError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path=config_path) from None
+    config = read_json_file(config_path)
     if not isinstance(config, dict):
         raise LorahubError("adapter_config.json is not a JSON object", path=config_path)
+    check_lora_config(config, config_path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if path.is_file():
         weights = path
     else:
-        found = next((directory / name for name in WEIGHTS if (directory / name).is_file()), None)
+        found = next((directory / name for name in WEIGHTS if (directory / name).exists()), None)
         if found is None:
             raise LorahubError(f"PEFT directory has {CONFIG} but no {' or '.join(WEIGHTS)}", path=directory)
         weights = found

@@ -19,7 +19,7 @@ from ..errors import LorahubError, UnsupportedError
 from ..output import InputSpec
 from ..output import prepare as prepare_output
 from ..output import write as write_output
-from ..storage import read_header
+from ..storage import read_header, read_json_file
 from .ops import FLOAT_DTYPES, Op
 from .pipeline import Pipeline, preload_factors
 from .plan import AdapterInput, BaseFile, BaseLayout, TensorJob, TensorPlan, file_jobs, load_layout, plan_merge
@@ -125,7 +125,7 @@ def _copy_others(layout: BaseLayout, out_dir: Path, record_json: dict[str, Any] 
 
 
 def _rewrite_index(src: Path, dest: Path, layout: BaseLayout, out_dir: Path) -> None:
-    index = json.loads(src.read_text())
+    index = read_json_file(src)
     total = 0
     for bf in layout.files.values():
         if bf.path.parent == src.parent:

@@ -79,6 +79,12 @@ def load_layout(spec: str | Path) -> BaseLayout:
         raise LorahubError("merge needs the base's weights on local disk; download them first "
                            "(e.g. `hf download REPO --local-dir DIR`) and pass the directory", path=spec)
     if not model.complete:
+        for name in model.files:  # name the file and the first tensor whose bytes are missing
+            try:
+                read_header(Path(model.root) / name)
+            except LorahubError as exc:
+                raise LorahubError(f"{exc}; merging needs the whole file (a header-only skeleton or an "
+                                   "interrupted download?)") from None
         raise LorahubError("the base's weight files hold less data than their headers describe "
                            "(a header-only skeleton or an interrupted download)", path=spec)
     model_root = Path(model.root)
