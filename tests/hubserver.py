@@ -130,6 +130,10 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)
     gated: Any = False
     uid: str = field(default_factory=lambda: secrets.token_hex(12))
+    # what /api/models sorts by; set with HubServer.set_repo_stats (the real Hub counts them itself)
+    downloads: int = 0
+    likes: int = 0
+    trending: float = 0.0
 
 
 class Stats:
@@ -242,6 +246,52 @@ class HubState:
         raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
 
 
+# GET /api/models: as the real Hub answers huggingface_hub's `list_models`
+# the properties of a listed model without `expand`/`full` (the real Hub's default projection)
+LIST_DEFAULT = ("_id", "id", "likes", "trendingScore", "private", "downloads", "tags", "pipeline_tag",
+                "library_name", "createdAt", "modelId")
+# `full=true` adds these (the files as `siblings` with `rfilename` only)
+LIST_FULL = LIST_DEFAULT + ("author", "sha", "lastModified", "gated", "disabled", "siblings")
+# what `expand` may name (huggingface_hub's ExpandModelProperty_T); the ones this server has no data for
+# are answered as absent, an unknown name is a 400 as on the Hub
+EXPAND_PROPERTIES = {
+    "author", "baseModels", "cardData", "childrenModelCount", "config", "createdAt", "disabled", "downloads",
+    "downloadsAllTime", "evalResults", "gated", "gguf", "inference", "inferenceProviderMapping", "lastModified",
+    "library_name", "likes", "mask_token", "model-index", "pipeline_tag", "private", "resourceGroup", "safetensors",
+    "sha", "siblings", "spaces", "tags", "transformersInfo", "trendingScore", "usedStorage", "widgetData",
+}
+# `sort` values (huggingface_hub maps last_modified -> lastModified, created_at -> createdAt, ...)
+LIST_SORTS = {"downloads": "downloads", "likes": "likes", "lastModified": "lastModified", "createdAt": "createdAt",
+              "trendingScore": "trendingScore", "id": "id", "modelId": "id"}
+LIST_PAGE_MAX = 1000  # the most models one page holds; more are behind a `Link: <…>; rel="next"` header
+
+
+def base_model_tags(card: Any, files: dict[str, "FileEntry"] | None = None, tags: list[str] | None = None) -> list[str]:
+    """The tags the Hub derives from a card's `base_model`: `base_model:ID` and `base_model:RELATION:ID`, the
+    relation being `base_model_relation` or, when the card has none, inferred as the Hub does: `adapter` for a
+    repo with adapter files (adapter_config.json), a `peft` library or a `lora` tag, `quantized` for GGUF
+    files, else `finetune`."""
+    if not isinstance(card, dict):
+        return []
+    raw = card.get("base_model")
+    ids = [str(b) for b in (raw if isinstance(raw, list) else [raw]) if isinstance(b, str) and b.strip()]
+    if not ids:
+        return []
+    relation = card.get("base_model_relation")
+    if relation not in ("adapter", "merge", "quantized", "finetune"):
+        names = [p.rsplit("/", 1)[-1] for p in (files or {})]
+        if "adapter_config.json" in names or card.get("library_name") == "peft" or "lora" in (tags or []):
+            relation = "adapter"
+        elif any(n.endswith(".gguf") for n in names):
+            relation = "quantized"
+        else:
+            relation = "finetune"
+    out = []
+    for base in ids:
+        out += [f"base_model:{base}", f"base_model:{relation}:{base}"]
+    return out
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -270,6 +320,7 @@ class HubServer:
         self._thread: threading.Thread | None = None
         self._fail_lock = threading.Lock()
         self._fail: dict | None = None
+        self.list_page_max = LIST_PAGE_MAX  # tests lower it to see pagination
 
     # ---- lifecycle
     @property
@@ -353,6 +404,18 @@ class HubServer:
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo | None:
         return self.state.repos.get((repo_type, repo_id))
+
+    def set_repo_stats(self, repo_id: str, *, downloads: int | None = None, likes: int | None = None,
+                       trending: float | None = None, repo_type: str = "model") -> None:
+        """Set the counters `GET /api/models` reports and sorts by (`downloads`, `likes`, `trendingScore`)."""
+        with self.state.lock:
+            repo = self.state.repos[(repo_type, repo_id)]
+            if downloads is not None:
+                repo.downloads = int(downloads)
+            if likes is not None:
+                repo.likes = int(likes)
+            if trending is not None:
+                repo.trending = float(trending)
 
 
 def _wants_lfs(path: str, data: bytes) -> bool:
@@ -662,12 +725,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _info_obj(self, repo: Repo, sha: str, blobs: bool = False) -> dict:
         commit = repo.commits[sha]
         card = self._card_data(repo, commit)
-        tags = []
+        tags: list[str] = []
         if isinstance(card, dict):
             raw = card.get("tags") or []
             tags = [str(t) for t in (raw if isinstance(raw, list) else [raw])]
             if card.get("library_name"):
                 tags.append(str(card["library_name"]))
+            tags += base_model_tags(card, commit.files, tags)
+            tags = list(dict.fromkeys(tags))  # the Hub lists a tag once
         siblings = []
         for path in sorted(commit.files):
             e = commit.files[path]
@@ -679,7 +744,8 @@ class _Handler(BaseHTTPRequestHandler):
             siblings.append(s)
         return {"_id": repo.uid, "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.owner, "sha": sha,
                 "private": repo.private, "gated": repo.gated, "disabled": False, "lastModified": commit.date,
-                "createdAt": repo.created, "downloads": 0, "likes": 0, "tags": tags,
+                "createdAt": repo.created, "downloads": repo.downloads, "likes": repo.likes,
+                "trendingScore": repo.trending, "tags": tags,
                 "library_name": card.get("library_name") if isinstance(card, dict) else None,
                 "pipeline_tag": card.get("pipeline_tag") if isinstance(card, dict) else None,
                 "cardData": card, "siblings": siblings}
@@ -691,20 +757,75 @@ class _Handler(BaseHTTPRequestHandler):
             blobs = (self.query.get("blobs", ["false"])[0]).lower() == "true"
             self._json(200, self._info_obj(repo, sha, blobs))
 
+    def _flag(self, name: str) -> bool:
+        return (self.query.get(name) or ["false"])[0].lower() in ("1", "true")
+
     def h_list(self, body: bytes, rtype: str) -> None:
-        author = (self.query.get("author") or [None])[0]
-        search = (self.query.get("search") or [None])[0]
+        """`GET /api/models` (and datasets/spaces) as the Hub answers `list_models`: `filter` (repeated: every
+        value must be among the repo's tags, the card's `base_model:adapter:ID` ones included), `search`
+        (a case-insensitive substring of the repo id), `author` (the owner, case-insensitive), `sort`
+        (downloads, likes, lastModified, createdAt, trendingScore, id) with `direction` (-1 or absent:
+        descending, anything else ascending), `limit` (the page size, at most `list_page_max`; more results
+        are behind a `Link: <…>; rel="next"` header, as on the Hub), and the projection: `expand` (repeated:
+        only those properties, plus `_id`/`id`), `full`, `cardData`; private repos only for their owners."""
+        q = self.query
+        filters = [f for f in q.get("filter", []) + q.get("filter[]", []) if f]
+        author = (q.get("author") or [None])[0]
+        search = (q.get("search") or [None])[0]
+        sort = (q.get("sort") or [None])[0]
+        direction = (q.get("direction") or ["-1"])[0]
+        expand = q.get("expand", []) + q.get("expand[]", [])
+        full, card_data = self._flag("full"), self._flag("cardData")
+        if sort is not None and sort not in LIST_SORTS:
+            raise HubError(400, f"Invalid sort parameter: {sort}")
+        unknown = [e for e in expand if e not in EXPAND_PROPERTIES]
+        if unknown:
+            raise HubError(400, f"Invalid expand parameter: {', '.join(unknown)}")
+        if expand and (full or card_data or self._flag("config")):
+            raise HubError(400, "expand cannot be combined with full, cardData or config")
+        try:
+            limit = int((q.get("limit") or [self.hub.list_page_max])[0])
+            offset = int((q.get("cursor") or ["0"])[0])
+        except ValueError:
+            raise HubError(400, "limit and cursor must be integers") from None
+        if limit < 1 or offset < 0:
+            raise HubError(400, "limit must be positive")
+        page = min(limit, self.hub.list_page_max)
         with self.st.lock:
-            out = []
+            found = []
             for (t, rid), repo in sorted(self.st.repos.items()):
                 if t != rtype or (repo.private and repo.owner not in self._namespaces()):
                     continue
-                if author and repo.owner != author or search and search.lower() not in rid.lower():
+                if author and repo.owner.lower() != author.lower() or search and search.lower() not in rid.lower():
                     continue
-                out.append({k: v for k, v in self._info_obj(repo, repo.branches["main"]).items()
-                            if k != "siblings"})
-        limit = (self.query.get("limit") or [None])[0]
-        self._json(200, out[: int(limit)] if limit else out)
+                info = self._info_obj(repo, repo.branches["main"])
+                if all(f in info["tags"] for f in filters):
+                    found.append(info)
+        if sort is not None:  # stable: ties keep the repo id order; models without the value come last
+            key = LIST_SORTS[sort]
+            present = [info for info in found if info.get(key) is not None]
+            present.sort(key=lambda info: info[key], reverse=direction == "-1")
+            found = present + [info for info in found if info.get(key) is None]
+        chunk = found[offset:offset + page]
+        if expand:
+            keep = ("_id", "id", *expand)
+        else:
+            keep = LIST_FULL if full else LIST_DEFAULT
+            if card_data:
+                keep = (*keep, "cardData")
+        out = []
+        for info in chunk:
+            item = {k: info[k] for k in keep if k in info}
+            if "siblings" in item:
+                item["siblings"] = [{"rfilename": s["rfilename"]} for s in item["siblings"]]
+            out.append(item)
+        headers = {}
+        if offset + page < len(found):
+            params = [(k, v) for k, values in q.items() if k != "cursor" for v in values]
+            params.append(("cursor", str(offset + page)))
+            query = "&".join(f"{quote(k, safe='[]')}={quote(v, safe='')}" for k, v in params)
+            headers["Link"] = f'<{self.base}/api/{PLURAL[rtype]}?{query}>; rel="next"'
+        self._json(200, out, headers)
 
     # ---- trees
     @staticmethod

@@ -44,3 +44,11 @@ def test_bench_startup_smoke(bench, capsys):
                                         "--no-torch-reference"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("lorahub --", "lorahub inspect"))]
     assert len(rows) == 2 and all(row.endswith("  none") for row in rows), rows
+
+
+def test_bench_library_small(bench, capsys, tmp_path):
+    assert bench("bench_library").main(["--adapters", "40", "--small", "--cold-repeats", "1", "--repeats", "1",
+                                        "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "listed 40 adapters" in out and "as generated" in out and "RATIO cold / find" in out
+    assert "touched one file" in out and "headers read: 1" in out

@@ -126,8 +126,12 @@ def test_registry_list_and_show(user_home):
     assert shown["tensor_shapes"]["unet.conv_in.weight"] == [[320, 4, 3, 3], "F32"]
     result = run_cli("registry", "show", "nope")
     assert result.returncode == 1 and "no registry manifest" in result.stderr
-    # subcommands are not top-level commands
-    assert run_cli("list").returncode == 2
+    # subcommands are not top-level commands (`lorahub list` is the adapter library's, not the registry's)
+    for sub in ("show", "add", "remove"):
+        assert run_cli(sub, "x").returncode == 2
+    from lorahub.cli import cli
+
+    assert cli.commands["list"] is not cli.commands["registry"].commands["list"]
 
 
 def test_registry_add_local_then_validate_offline(user_home, tiny_llama_sharded_dir, peft_lora_dir, peft_wide_dir):
