@@ -14,28 +14,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import LorahubError
 from .kinds import LayerKind, kind_of
+from .lazy import LazyDict, torch
 
-# safetensors dtype names <-> torch dtypes
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-if hasattr(torch, "float8_e4m3fn"):
-    ST_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
-    ST_DTYPES["F8_E5M2"] = torch.float8_e5m2
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+def _st_dtypes() -> dict[str, torch.dtype]:
+    dtypes = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    if hasattr(torch, "float8_e4m3fn"):
+        dtypes["F8_E4M3"] = torch.float8_e4m3fn
+        dtypes["F8_E5M2"] = torch.float8_e5m2
+    return dtypes
+
+
+# safetensors dtype names <-> torch dtypes (built, and torch imported, on first use)
+ST_DTYPES: LazyDict[str, torch.dtype] = LazyDict(_st_dtypes)
+TORCH_TO_ST: LazyDict[torch.dtype, str] = LazyDict(lambda: {v: k for k, v in ST_DTYPES.items()})
+# the dtypes LoRA factors can have: floating point that torch computes with (FP8 is widened first);
+# integer, boolean, unsigned, exponent-only (F8_E8M0) and packed 4/6-bit factors are refused by operations
+FACTOR_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -206,14 +214,15 @@ class LoraLayer:
         return total
 
     def factors(self, device: torch.device | str | None = None,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B₂ (n×r), A₂ (r×k)) in the math view, unscaled."""
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B₂ (n×r), A₂ (r×k)) in the math view, unscaled, in `dtype` (default float32)."""
+        dtype = torch.float32 if dtype is None else dtype
         down = self.A.load().to(device=device, dtype=dtype).reshape(self.A.shape[0], -1)
         up = self.B.load().to(device=device, dtype=dtype).reshape(self.B.shape[0], -1)
         return up, down
 
     def delta_math(self, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
         """s·B₂·A₂, shape (n, k). Dense: use only where a dense delta is the point."""
         up, down = self.factors(device, dtype)
         return (up * self.scale) @ down
@@ -223,7 +232,7 @@ class LoraLayer:
         return self.geometry.to_base_layout(delta_math, self.base_shape)
 
     def delta_weight(self, device: torch.device | str | None = None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
         """ΔW in the base weight's layout (see the module docstring)."""
         return self.to_base_layout(self.delta_math(device, dtype))
 
@@ -263,6 +272,9 @@ class Adapter:
     has_components: bool = False
     # extra keys in the file that no layer claims (reported by inspect, kept by writers where possible)
     extra_keys: list[str] = field(default_factory=list)
+    # what the reader ignored or corrected, one line each (e.g. fan_in_fan_out on Linear layers): every
+    # command that reads the adapter reports them
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ranks(self) -> list[int]:
@@ -287,8 +299,39 @@ class Adapter:
             return "<memory>"
         return self.path.name
 
+    def nonfinite_alphas(self) -> list[LoraLayer]:
+        """Layers whose alpha is NaN or ±Inf (a kohya `.alpha` tensor, `lora_alpha`/`alpha_pattern`): their
+        scale, and so their delta, is not a number."""
+        return [layer for layer in self.layers.values() if not math.isfinite(layer.alpha)]
+
+    def require_finite_alphas(self, operation: str) -> None:
+        """Refuse an adapter whose alpha is NaN/Inf somewhere, naming the first such module."""
+        bad = self.nonfinite_alphas()
+        if bad:
+            layer = bad[0]
+            name = f" ({layer.source_name})" if layer.source_name and layer.source_name != layer.target else ""
+            more = f" (and {len(bad) - 1} more modules)" if len(bad) > 1 else ""
+            raise LorahubError(f"alpha of module '{layer.target}'{name} is {layer.alpha} (not a finite number)"
+                               f"{more}; {operation} refuses it", path=self.path)
+
+    def odd_factor_dtypes(self) -> list[tuple[str, str]]:
+        """(key, dtype) of every factor tensor (A, B, DoRA magnitude, LoRA bias) whose dtype is not a
+        floating-point type lorahub computes with (`FACTOR_DTYPES`)."""
+        return [(tensor.key or layer.target, tensor.dtype) for layer in self.layers.values()
+                for tensor in (layer.A, layer.B, layer.magnitude, layer.bias)
+                if tensor is not None and tensor.dtype not in FACTOR_DTYPES]
+
     def require_lora(self, operation: str) -> None:
-        """Refuse operations that need math lorahub does not have (LyCORIS, exotic PEFT variants)."""
+        """Refuse operations that need math lorahub does not have (LyCORIS, exotic PEFT variants),
+        adapters whose scale is not a number (NaN/Inf alpha), factors that are not floating point."""
+        self.require_finite_alphas(operation)
+        odd = self.odd_factor_dtypes()
+        if odd:
+            key, dtype = odd[0]
+            more = f" (and {len(odd) - 1} more tensor{'s' if len(odd) > 2 else ''})" if len(odd) > 1 else ""
+            raise LorahubError(f"{operation} needs floating-point factors ({', '.join(FACTOR_DTYPES)}); this one "
+                               f"is {dtype}{more}", path=self.files[0] if len(self.files) == 1 else self.path,
+                               key=key)
         if self.unsupported_variant:
             raise LorahubError(f"{operation} is not supported for {self.unsupported_variant} adapters: their "
                                f"delta is not s·B·A", path=self.path)

@@ -21,7 +21,6 @@ or the repo path for Hub bases, or None for registry manifests (which have no fi
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -31,7 +30,7 @@ from . import hub
 from .adapter import TensorSize
 from .errors import LorahubError
 from .formats.peft import CONFIG as PEFT_CONFIG
-from .storage import SafetensorsHeader, is_pickle_path, read_header
+from .storage import SafetensorsHeader, check_regular, is_pickle_path, read_header, read_json_file
 
 LAYOUTS = ("transformers", "diffusers", "sd-single-file", "single-file")
 
@@ -175,6 +174,7 @@ def load_base(spec: str | Path, *, revision: str | None = None, token: str | boo
     text = str(spec)
     path = Path(text).expanduser()
     if not hub.is_hub_ref(text) and path.exists():
+        check_regular(path)  # a FIFO or a device: refused, never opened
         if path.is_dir():
             return _load_listing(_LocalFiles(path), source=text)
         return _load_single_file(_LocalFiles(path.parent), path.name, source=text)
@@ -245,25 +245,21 @@ class _LocalFiles(_Files):
     def listing(self) -> list[str]:
         if self._listing is None:
             out = []
+            # everything but directories: a FIFO or a device named like a weight file is refused when
+            # read (`storage.open_regular`), never skipped in silence nor opened (a FIFO blocks)
             for child in sorted(self.root.iterdir()):
-                if child.is_file():
+                if not child.is_dir():
                     out.append(child.name)
-                elif child.is_dir() and not child.name.startswith("."):
-                    out.extend(f"{child.name}/{grand.name}" for grand in sorted(child.iterdir()) if grand.is_file())
+                elif not child.name.startswith("."):
+                    out.extend(f"{child.name}/{grand.name}" for grand in sorted(child.iterdir()) if not grand.is_dir())
             self._listing = out
         return self._listing
 
     def read_json(self, rel: str) -> Any:
-        path = self.root / rel
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LorahubError(f"invalid JSON ({exc})", path=path) from None
+        return read_json_file(self.root / rel)
 
     def exists(self, rel: str) -> bool:
-        return (self.root / rel).is_file()
+        return (self.root / rel).exists()
 
     def header(self, rel: str) -> SafetensorsHeader:
         return read_header(self.root / rel, check_size=False)

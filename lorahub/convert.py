@@ -15,10 +15,12 @@ def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_f
     """Write `adapter` at `out` in `to_format` (under lorahub.output's policy; `overwrite` replaces an
     earlier lorahub output)."""
     adapter.require_lora("convert")
+    if not adapter.layers:
+        raise LorahubError("no LoRA modules to convert", path=adapter.path)
     if adapter.is_dora and to_format == "diffusers":
         raise LorahubError("diffusers drops DoRA magnitudes when loading; converting would silently change "
                            "the adapter (use --to peft or --to kohya)", path=adapter.path)
-    warnings = []
+    warnings = list(adapter.warnings)
     if adapter.full_tensors and to_format != "peft":
         if not drop_full_tensors:
             raise LorahubError(f"{to_format} files cannot carry full tensors "

@@ -11,9 +11,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
-import torch
-
 from .errors import LorahubError
+from .lazy import torch
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -6,11 +6,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .adapter import ST_DTYPES, ST_ITEMSIZE, Adapter, LazyTensor
 from .errors import LorahubError
 from .formats import load_adapter
+from .lazy import LazyDict, torch
 from .storage import file_hashes, gc_paused, open_safetensors
 
 
@@ -24,8 +23,30 @@ def _distribution(values: list[Any]) -> dict[str, int]:
     return {str(k): v for k, v in sorted(Counter(values).items(), key=lambda kv: (-kv[1], str(kv[0])))}
 
 
-def _number(value: float) -> float | int:
+def _number(value: float) -> float | int | str:
+    """16.0 → 16; NaN/Inf as the strings "NaN", "Infinity", "-Infinity" (the JSON output stays JSON)."""
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return int(value) if float(value).is_integer() else round(float(value), 8)
+
+
+def alpha_problems(adapter: Adapter) -> list[dict[str, Any]]:
+    """NaN/Inf alphas, reported like NaN/Inf tensors ({key, nan, inf}) plus the module and its alpha; the
+    key is the module's `.alpha` in the file (kohya), or the config field it came from."""
+    found = []
+    bad = adapter.nonfinite_alphas()
+    keys: set[str] = set()
+    if bad:
+        for file in adapter.files:
+            if Path(file).suffix == ".safetensors":
+                keys.update(open_safetensors(file).header.tensors)
+    for layer in bad:
+        source = f"{layer.source_key}.alpha"
+        if source not in keys:
+            source = "lora_alpha / alpha_pattern in the config"
+        found.append({"key": source, "module": layer.target, "alpha": _number(layer.alpha),
+                      "nan": int(math.isnan(layer.alpha)), "inf": int(math.isinf(layer.alpha))})
+    return found
 
 
 # neighbouring tensors of one dtype are read and tested together: up to this many bytes at once,
@@ -33,17 +54,47 @@ def _number(value: float) -> float | int:
 _SCAN_RUN_BYTES, _SCAN_GAP_BYTES = 64 << 20, 4096
 
 
-_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the dtypes isfinite/isnan/isinf test as stored (others are widened first); built on first use (imports torch)
+_CHECKED_DTYPES = LazyDict(lambda: dict.fromkeys((torch.float16, torch.bfloat16, torch.float32, torch.float64)))
+
+# The float dtypes of safetensors files (little-endian), for the scan's first pass without torch: a value
+# is NaN or Inf exactly when its exponent bits are all ones, i.e. when each (byte offset in the value,
+# mask) listed has every bit of its mask set. float8_e4m3fn has no Inf; its NaN is S.1111.111.
+_EXPONENT_BYTES: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {
+    "F64": (8, ((7, 0x7F), (6, 0xF0))),
+    "F32": (4, ((3, 0x7F), (2, 0x80))),
+    "F16": (2, ((1, 0x7C),)),
+    "BF16": (2, ((1, 0x7F), (0, 0x80))),
+    "F8_E5M2": (1, ((0, 0x7C),)),
+    "F8_E4M3": (1, ((0, 0x7F),)),
+}
+# mask -> a byte translation table: 1 where a byte has every bit of the mask set, else 0
+_ALL_SET = {mask: bytes(int(b & mask == mask) for b in range(256))
+            for _, parts in _EXPONENT_BYTES.values() for _, mask in parts}
+
+
+def has_nonfinite(raw: bytes | bytearray, dtype: str) -> bool:
+    """Whether the little-endian `dtype` values (a float dtype of `_EXPONENT_BYTES`) in `raw` include
+    a NaN or an Inf. Pure Python at C speed, no torch: per exponent byte, one strided slice, one
+    byte translation and one big-integer AND (~1 ms per MB)."""
+    size, parts = _EXPONENT_BYTES[dtype]
+    hits = -1
+    for offset, mask in parts:
+        hits &= int.from_bytes(raw[offset::size].translate(_ALL_SET[mask]), "little")
+        if not hits:
+            return False
+    return True
 
 
 def scan_nonfinite(adapter: Adapter) -> list[dict[str, Any]]:
     """Every tensor with NaN or Inf values ({key, nan, inf}), in the adapter's order.
 
     Tensors in safetensors files are tested straight from the file's bytes: runs of neighbouring
-    tensors of one dtype are read with one call and tested with one `isfinite` (an adapter of 300,000
-    small tensors otherwise spends seconds in per-tensor calls), and NaN/Inf are counted per tensor
-    only in a run where the test finds something. Tensors in memory are tested one by one. FP8 is
-    widened first (it has no isinf kernel)."""
+    tensors of one dtype are read with one call and tested at once by `has_nonfinite`, without torch
+    (an adapter of 300,000 small tensors otherwise spends seconds in per-tensor calls), and NaN/Inf are
+    counted per tensor, with torch, only in a run where the test finds something (so inspect imports
+    torch only then). Tensors in memory are tested one by one. FP8 is widened first for the count (it
+    has no isinf kernel)."""
     tensors: list[LazyTensor] = []
     for layer in adapter.layers.values():
         tensors += [layer.A, layer.B] + [t for t in (layer.magnitude, layer.bias) if t is not None]
@@ -72,27 +123,35 @@ def scan_nonfinite(adapter: Adapter) -> list[dict[str, Any]]:
         for index in indices:
             key = tensors[index].key
             info = file.header.tensors.get(key) if key is not None else None
-            dtype = ST_DTYPES.get(info.dtype) if info is not None else None
-            if (info is None or dtype is None
-                    or info.end - info.begin != math.prod(info.shape) * ST_ITEMSIZE[info.dtype]):
-                check(index, tensors[index].load())  # missing, odd or corrupt: the loader says what is wrong
-            elif dtype.is_floating_point and info.end > info.begin:
+            dtype = info.dtype if info is not None and info.dtype in ST_ITEMSIZE else None  # a dtype torch reads
+            if info is not None and dtype is None:
+                continue  # U16, F8_E8M0, F4…: no values torch reads (describe warns about such factors)
+            if info is None or info.end - info.begin != math.prod(info.shape) * ST_ITEMSIZE[info.dtype]:
+                check(index, tensors[index].load())  # missing or corrupt: the loader says what is wrong
+            elif dtype in _EXPONENT_BYTES and info.end > info.begin:
                 spans.append((info.begin, info.end, dtype, index))
+            # else integer, U16, F8_E8M0, F4…: no NaN/Inf for torch to test (describe warns about them)
         spans.sort(key=lambda span: span[0])
-        run: list[tuple[int, int, torch.dtype, int]] = []
+        run: list[tuple[int, int, str, int]] = []
         for span in spans + [None]:
             if run and (span is None or span[2] != run[-1][2] or span[0] - run[-1][1] > _SCAN_GAP_BYTES
-                        or (span[0] - run[0][0]) % span[2].itemsize or span[1] - run[0][0] > _SCAN_RUN_BYTES):
+                        or (span[0] - run[0][0]) % ST_ITEMSIZE[span[2]] or span[1] - run[0][0] > _SCAN_RUN_BYTES):
                 # neighbours of one dtype: read at once (with the small gaps between them: another
                 # tensor's bytes, e.g. kohya's .alpha, can only cause a false alarm, checked below),
                 # tested together, one by one only on a hit
                 start, dtype = run[0][0], run[0][2]
-                raw = torch.empty(run[-1][1] - start, dtype=torch.uint8)
-                file.read_range(start, run[-1][1], raw.numpy(), key=tensors[run[0][3]].key)
-                values = raw.view(dtype)
-                if not bool(torch.isfinite(values if dtype in _CHECKED_DTYPES else values.float()).all()):
+                raw = bytearray(run[-1][1] - start)
+                try:
+                    file.read_range(start, run[-1][1], raw, key=tensors[run[0][3]].key)
+                except LorahubError:
+                    # name the tensor that cannot be read, not the first of the run
                     for begin, end, _, index in run:
-                        check(index, raw[begin - start:end - start].view(dtype))
+                        file.read_range(begin, end, memoryview(raw)[begin - start:end - start], key=tensors[index].key)
+                    raise
+                if has_nonfinite(raw, dtype):
+                    values = torch.frombuffer(raw, dtype=torch.uint8)
+                    for begin, end, _, index in run:
+                        check(index, values[begin - start:end - start].view(ST_DTYPES[dtype]))
                 run = []
             if span is not None:
                 run.append(span)
@@ -160,8 +219,16 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
         ],
     }
     unsupported = adapter.unsupported_variant
+    warnings = list(adapter.warnings)
     if unsupported:
-        info["warnings"] = [f"PEFT variant {unsupported}: its delta is not s·B·A; merge/resize/blend refuse it"]
+        warnings.append(f"PEFT variant {unsupported}: its delta is not s·B·A; merge/resize/blend refuse it")
+    odd = adapter.odd_factor_dtypes()
+    if odd:
+        odd_dtypes = ", ".join(sorted({dtype for _, dtype in odd}))
+        warnings.append(f"{len(odd)} factor tensors are {odd_dtypes}, not floating point (e.g. {odd[0][0]}); "
+                        "convert/resize/blend/merge refuse them")
+    if warnings:
+        info["warnings"] = warnings
     for file in adapter.files:
         entry: dict[str, Any] = {"path": str(file), "size": Path(file).stat().st_size}
         if read_data:
@@ -173,7 +240,9 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
         info["files"].append(entry)
     info["file_size"] = sum(entry["size"] for entry in info["files"])
     if read_data:
-        info["nonfinite"] = scan_nonfinite(adapter)
+        info["nonfinite"] = scan_nonfinite(adapter) + alpha_problems(adapter)
+    elif adapter.nonfinite_alphas():  # alphas are known from headers and configs: report them all the same
+        info["nonfinite"] = alpha_problems(adapter)
     if spectrum:
         from .lowrank import effective_rank
         from .resize import layer_spectra
@@ -192,7 +261,10 @@ def nonfinite_error(info: dict[str, Any]) -> LorahubError | None:
     if not bad:
         return None
     first = bad[0]
-    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-    return LorahubError(f"{first['nan']} NaN and {first['inf']} Inf values{more}",
-                        path=info["files"][0]["path"] if info["files"] else info["path"], key=first["key"])
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    path = info["files"][0]["path"] if info["files"] else info["path"]
+    if "module" in first:
+        return LorahubError(f"alpha of module '{first['module']}' is {first['alpha']} ({first['key']}){more}",
+                            path=path)
+    return LorahubError(f"{first['nan']} NaN and {first['inf']} Inf values{more}", path=path, key=first["key"])
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from .adapter import LoraLayer
 
 Shape = tuple[int, ...]
@@ -181,6 +181,14 @@ def kind_of(layer: "LoraLayer", conv1d: bool | None = None) -> LayerKind:
         transposed = (layer.fan_in_fan_out or kind is CONV1D) if conv1d is None else conv1d
         return CONV1D if transposed else LINEAR
     return kind
+
+
+def conv1d_by_name(target: str, component: bool = False) -> bool:
+    """Offline (no base at hand): whether a module may be a transformers Conv1D, by its name alone: its
+    leaf is a Conv1D leaf name (`c_attn`, ...) and it is not in a diffusers component (`component`).
+    Any other module is an ordinary layer whatever an adapter's `fan_in_fan_out` says (PEFT ignores the
+    flag for `nn.Linear`); with a base, the base decides (`lorahub.names.base_conv1d`)."""
+    return not component and target.rsplit(".", 1)[-1] in CONV1D_LEAVES
 
 
 def factor_kind(a_shape: Shape, embedding: bool = False) -> str:

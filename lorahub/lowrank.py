@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from .devices import device_of
 from .errors import LorahubError, OptionError
+from .lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "LowRankSVD",
@@ -167,13 +168,14 @@ class _FactoredSVD:
         return LowRankSVD(U=U, S=self.S, Vh=V.T)
 
 
-def factored_svd(up: Tensor, down: Tensor, *, compute_dtype: torch.dtype = torch.float32,
+def factored_svd(up: Tensor, down: Tensor, *, compute_dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> LowRankSVD:
     """Exact thin SVD of `up @ down` (up n×r, down r×k) without forming the n×k product.
 
     Returns tensors in `compute_dtype` on `device` (default: `up`'s device), q = min(r, n, k)
     singular triplets, S descending. Works for r > n or r > k, zero factors and r = 0 (q = 0).
     """
+    compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
     return _FactoredSVD(up, down, compute_dtype, device).svd()
 
 
@@ -186,7 +188,7 @@ _CHOLESKY_TOL = 1e-10
 
 
 def _stacked(factors: Tensor | Sequence[Tensor], dev: torch.device, dtype: torch.dtype, what: str) -> Tensor:
-    if isinstance(factors, Tensor):
+    if isinstance(factors, torch.Tensor):
         if factors.ndim != 3:
             raise ValueError(f"batched {what} must be (b, rows, cols), got {tuple(factors.shape)}")
         return factors.to(device=dev, dtype=dtype)
@@ -289,10 +291,11 @@ class BatchedFactoredSVD:
     """
 
     def __init__(self, ups: Tensor | Sequence[Tensor], downs: Tensor | Sequence[Tensor], *,
-                 compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  method: str = "auto", names: Sequence[str] | None = None) -> None:
-        first = ups if isinstance(ups, Tensor) else next(iter(ups), None)
-        dev = device_of(device, *([first] if isinstance(first, Tensor) else []))
+        compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
+        first = ups if isinstance(ups, torch.Tensor) else next(iter(ups), None)
+        dev = device_of(device, *([first] if isinstance(first, torch.Tensor) else []))
         B = _stacked(ups, dev, compute_dtype, "ups")
         A = _stacked(downs, dev, compute_dtype, "downs")
         b, n, r = B.shape
@@ -363,7 +366,7 @@ class BatchedFactoredSVD:
 
 
 def factored_svd_batched(ups: Tensor | Sequence[Tensor], downs: Tensor | Sequence[Tensor], *,
-                         compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                         compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                          keep: int | Sequence[int] | None = None, method: str = "auto") -> list[LowRankSVD]:
     """`[factored_svd(up, down) for up, down in zip(ups, downs)]`, computed side by side.
 
@@ -371,15 +374,17 @@ def factored_svd_batched(ups: Tensor | Sequence[Tensor], downs: Tensor | Sequenc
     of one shape. Each result holds all q = min(r, n, k) singular values and `keep` singular vectors (an
     int, one int per product, or None for all). See `BatchedFactoredSVD` for `method`.
     """
+    compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
     return BatchedFactoredSVD(ups, downs, compute_dtype=compute_dtype, device=device, method=method).svds(keep)
 
 
 def factored_svd_sum_batched(term_lists: Sequence[list[tuple[float, Tensor, Tensor]]], *,
-                             compute_dtype: torch.dtype = torch.float32,
+                             compute_dtype: torch.dtype | None = None,
                              device: torch.device | str | None = None,
                              keep: int | Sequence[int] | None = None, method: str = "auto") -> list[LowRankSVD]:
     """`[factored_svd_sum(terms) for terms in term_lists]`, side by side: every sum must stack to the
     same shape (n×R @ R×k, R = Σ rᵢ), e.g. the same module of each blended adapter."""
+    compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
     stacked = []
     for terms in term_lists:
         dev = device_of(device, terms[0][1]) if terms else None
@@ -435,9 +440,10 @@ def stack_terms(terms: list[tuple[float, Tensor, Tensor]], *,
 
 
 def factored_svd_sum(terms: list[tuple[float, Tensor, Tensor]], *,
-                     compute_dtype: torch.dtype = torch.float32,
+                     compute_dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> LowRankSVD:
     """Exact thin SVD of Σ c_i·up_i@down_i, in O((n + k)·R²) with R = Σ r_i."""
+    compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
     dev = device_of(device, terms[0][1]) if terms else None
     up, down = stack_terms([(c, u.to(dev), d.to(dev)) for c, u, d in terms], dtype=compute_dtype)
     return factored_svd(up, down, compute_dtype=compute_dtype, device=dev)

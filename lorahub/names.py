@@ -39,6 +39,10 @@ replaces) to the base tensor that holds its weight:
   `self_attn.out_proj`); `q_proj/k_proj/v_proj` are row blocks of the fused `attn.in_proj_weight`
   (`ModuleRef.rows`). Not covered: VAE, `text_projection` (stored transposed by OpenCLIP), Flux
   diffusers names against BFL checkpoints (fused qkv), ControlNet.
+
+Also from names: how a base layer stores its weight (`base_conv1d`: the base decides Conv1D, never an
+adapter's `fan_in_fan_out`), and which model an adapter's names belong to (`model_evidence`,
+`different_models`: blend refuses adapters of different models).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 from .formats.kohya_names import is_kohya_name, kohya_candidates
-from .kinds import CONV1D_LEAVES, CONV1D_MODEL_TYPES, kind_of
+from .kinds import CONV1D, CONV1D_LEAVES, CONV1D_MODEL_TYPES, LINEAR, kind_of
 
 if TYPE_CHECKING:
     from .adapter import Adapter, LoraLayer
@@ -349,6 +353,30 @@ def is_conv1d(base: "BaseModel", weight_name: str) -> bool:
     return re.search(r"(^|\.)h\.\d+\.(attn|mlp|crossattention)\.", module) is not None
 
 
+def model_type_known(base: "BaseModel", weight: str) -> bool:
+    config = base.component_config(weight)
+    return isinstance(config, dict) and bool(config.get("model_type"))
+
+
+def base_conv1d(layer: "LoraLayer", base: "BaseModel", ref: ModuleRef) -> bool | None:
+    """Whether the base layer a linear layer adapts is a transformers Conv1D (weight stored (in, out)).
+
+    The base decides, as PEFT decides by the layer's type whatever the adapter's `fan_in_fan_out` says:
+    by the model type and the layer's name (`is_conv1d`), and, where the model type is unknown and the
+    weight is not square, by the one orientation the factors fit. None for other kinds (conv, embedding)
+    and for weights that are not matrices."""
+    if layer.geometry not in (LINEAR, CONV1D):
+        return None
+    shape = ref_shape(base, ref)
+    if shape is None or len(shape) != 2:
+        return None
+    conv1d = is_conv1d(base, ref.weight)
+    if (shape[0] != shape[1] and not layer_fits(layer, shape, conv1d) and layer_fits(layer, shape, not conv1d)
+            and not model_type_known(base, ref.weight)):
+        conv1d = not conv1d  # without a model type, Conv1D is a guess from the name: the shapes say which
+    return conv1d
+
+
 def layer_fits(layer: "LoraLayer", shape: tuple[int, ...] | None, conv1d: bool | None = None) -> bool:
     """Whether a layer's factors fit a base weight of this shape (its kind decides the orientation;
     `conv1d` says what the base layer is, where known)."""
@@ -565,3 +593,107 @@ def ldm_to_diffusers_unet(path: str, layers: int) -> str | None:
             return f"up_blocks.{i}.attentions.{j}{rest}"
         return None
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# which model an adapter's names belong to (blend refuses adapters of different models)
+
+DENOISERS = ("unet", "transformer", "prior", "decoder")
+# the first segment of a denoiser's module path: which denoiser it is (kohya names Flux's and SD3's
+# transformer `lora_unet_…` too) and whose naming it uses
+_DENOISER_HEADS = {
+    **dict.fromkeys(("down_blocks", "mid_block", "up_blocks", "time_embedding", "add_embedding"),
+                    ("unet", "diffusers")),
+    **dict.fromkeys(("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb"), ("unet", "SGM")),
+    **dict.fromkeys(("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+                     "time_text_embed"), ("transformer", "diffusers")),
+    **dict.fromkeys(("double_blocks", "single_blocks", "img_in", "txt_in", "vector_in", "guidance_in"),
+                    ("transformer", "BFL")),
+    "joint_blocks": ("transformer", "SAI"),
+}
+# kohya's `ss_base_model_version` and modelspec's `modelspec.architecture`, as one family name
+_FAMILY_PATTERNS = (
+    (r"^sdxl|stable-diffusion-xl", "SDXL"), (r"^sd_v1|stable-diffusion-v1", "SD 1.x"),
+    (r"^sd_v2|stable-diffusion-v2", "SD 2.x"), (r"^sd3|stable-diffusion-3", "SD 3"), (r"flux", "Flux"),
+)
+
+
+@dataclass
+class ModelEvidence:
+    """What an adapter's names and metadata say about the model it was trained on."""
+
+    components: set[str] = field(default_factory=set)  # diffusers components; "" for a transformers model
+    denoisers: set[str] = field(default_factory=set)  # "unet" | "transformer" (DiT) | "prior" | "decoder"
+    naming: dict[str, set[str]] = field(default_factory=dict)  # denoiser -> {"diffusers", "SGM", "BFL", ...}
+    blocks: set[str] = field(default_factory=set)  # repeated-block containers of a model's paths: "model.layers.#"
+    family: str | None = None  # from kohya / modelspec metadata: "SDXL", "SD 1.x", ...
+    canonical: dict[str, str] = field(default_factory=dict)  # component-qualified name -> target as named
+
+    @property
+    def domains(self) -> set[str]:
+        return {"a transformers model" if c == "" else "a diffusers pipeline" for c in self.components}
+
+
+def _family(metadata: dict[str, str]) -> str | None:
+    for key in ("ss_base_model_version", "modelspec.architecture"):
+        value = str(metadata.get(key) or "").lower()
+        for pattern, name in _FAMILY_PATTERNS:
+            if value and re.search(pattern, value):
+                return name
+    return None
+
+
+def model_evidence(adapter: "Adapter") -> ModelEvidence:
+    """The model family evidence of an adapter: its diffusers components (declared, or inferred from bare
+    UNet/transformer/text-model paths), the block containers of transformers-model paths, the UNet's
+    naming, the family its metadata names."""
+    from .formats.common import component_of, infer_component
+
+    evidence = ModelEvidence(family=_family(adapter.metadata))
+    for target in list(adapter.layers) + list(adapter.other_modules):
+        component = component_of(target) if adapter.has_components else infer_component(target)
+        rest = target[len(component) + 1:] if adapter.has_components and component else target
+        evidence.canonical[f"{component or ''}:{rest}"] = target
+        if component:
+            evidence.components.add(component)
+            if component in DENOISERS:
+                denoiser, style = _DENOISER_HEADS.get(rest.split(".", 1)[0], (component, None))
+                evidence.denoisers.add(denoiser)
+                if style is not None:
+                    evidence.naming.setdefault(denoiser, set()).add(style)
+            continue
+        evidence.components.add("")
+        parts = target.split(".")
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index:  # the container of repeated blocks: model.layers.#, transformer.h.#, encoder.block.#
+            evidence.blocks.add(".".join(parts[:index]) + ".#")
+    return evidence
+
+
+def different_models(a: ModelEvidence, b: ModelEvidence, same_base: bool = False) -> str | None:
+    """Why two adapters cannot be for the same model, or None when nothing says so. Adapters of one base
+    may adapt different subsets of its modules; the evidence must contradict, not merely differ.
+    `same_base`: both name the same base model, which outweighs disjoint block containers (a VLM's
+    language model and its vision tower)."""
+    if a.domains and b.domains and not a.domains & b.domains:
+        return f"{' / '.join(sorted(a.domains))} vs {' / '.join(sorted(b.domains))}"
+    if a.denoisers and b.denoisers and not a.denoisers & b.denoisers:
+        return f"a {'/'.join(sorted(a.denoisers))} vs a {'/'.join(sorted(b.denoisers))}"
+    if a.blocks and b.blocks and not a.blocks & b.blocks and not same_base:
+        return f"modules under {', '.join(sorted(a.blocks))} vs {', '.join(sorted(b.blocks))}"
+    for denoiser in sorted(set(a.naming) & set(b.naming)):
+        if not a.naming[denoiser] & b.naming[denoiser]:
+            return (f"{denoiser} modules named {'/'.join(sorted(a.naming[denoiser]))}-style vs "
+                    f"{'/'.join(sorted(b.naming[denoiser]))}-style: not one model's names")
+    return None
+
+
+def renamed_modules(a: ModelEvidence, b: ModelEvidence) -> tuple[str, str] | None:
+    """One module that two adapters name differently (`unet.down_blocks…` and a bare `down_blocks…`), or
+    None: blending them would keep both names, as two modules."""
+    for key, name in a.canonical.items():
+        other = b.canonical.get(key)
+        if other is not None and other != name:
+            return name, other
+    return None
+

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Tuple, Union
 
 from .errors import LorahubError
+from .storage import read_json_file
 
 Kind = Literal["dir", "file"]
 # an input: a path, or (role, path) where the role names it in messages ("base", "adapter", ...)
@@ -119,12 +120,18 @@ def _check_inputs(out: Path, kind: Kind, inputs: Iterable[InputSpec]) -> None:
             raise LorahubError("--out is (or contains) the current directory; give a new directory", path=out)
 
 
+def _read_marker(folder: Path) -> Any:
+    """The marker's JSON, or None when there is none or it is not lorahub's (unreadable, not a regular
+    file, not JSON)."""
+    try:
+        return read_json_file(folder / MANIFEST)
+    except LorahubError:
+        return None
+
+
 def _manifest_files(folder: Path) -> dict[str, dict[str, Any]] | None:
     """The files a lorahub output directory's manifest lists, or None when it has no valid one."""
-    try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    data = _read_marker(folder)
     if not isinstance(data, dict) or data.get("kind") != MANIFEST_KIND or not isinstance(data.get("files"), dict):
         return None
     return {str(k): v for k, v in data["files"].items() if isinstance(v, dict)}
@@ -132,10 +139,7 @@ def _manifest_files(folder: Path) -> dict[str, dict[str, Any]] | None:
 
 def _is_marked(folder: Path) -> bool:
     """A directory lorahub created: it holds lorahub's marker (complete or still being written)."""
-    try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+    data = _read_marker(folder)
     return isinstance(data, dict) and data.get("kind") == MANIFEST_KIND
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import output
-from .base import BaseModel, load_base
+from .base import LAYOUTS, BaseModel, load_base
 from .errors import LorahubError
+from .storage import DTYPE_BITS, json_type, read_json_file
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
@@ -72,15 +73,34 @@ def _manifest_files(folder: Path) -> list[Path]:
 
 
 def _read(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise LorahubError(f"cannot read registry manifest: {exc.strerror}", path=path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LorahubError(f"corrupt registry manifest ({exc})", path=path) from None
+    manifest = read_json_file(path, what="registry manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), dict):
         raise LorahubError("corrupt registry manifest (no tensors)", path=path)
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise LorahubError(f"corrupt registry manifest ({problem})", path=path)
     return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's fields (their JSON types, each tensor's [shape, dtype]), or None."""
+    for key, types, label in (("name", (str,), "a string"), ("repo_id", (str,), "a string"),
+                              ("layout", (str,), "a string"), ("dtype", (str,), "a string"),
+                              ("revision", (str,), "a string"), ("params", (int,), "an integer"),
+                              ("config", (dict,), "an object"), ("aliases", (list,), "an array of names"),
+                              ("source", (str, dict), "a string or an object")):
+        value = manifest.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            return f"'{key}' must be {label}, found {json_type(value)}"
+    if not all(isinstance(alias, str) for alias in manifest.get("aliases") or ()):
+        return "'aliases' must be an array of names"
+    if manifest.get("layout") is not None and manifest["layout"] not in LAYOUTS:
+        return f"'layout' is '{manifest['layout']}', not one of {', '.join(LAYOUTS)}"
+    for name, entry in manifest["tensors"].items():
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+                and all(type(d) is int and d >= 0 for d in entry[0]) and entry[1] in DTYPE_BITS):
+            return f"tensor '{name}': expected [shape of non-negative integers, safetensors dtype], found {entry!r:.60}"
+    return None
 
 
 def _ref(path: Path, builtin: bool, manifest: dict | None = None) -> ManifestRef:
@@ -113,7 +133,7 @@ def find_manifest(name: str, *, by_repo_id: bool = True) -> ManifestRef | None:
         wanted = wanted[len("registry:"):]
     for folder, builtin in ((user_dir(), False), (builtin_dir(), True)):  # user first: it shadows
         path = folder / f"{wanted}.json"
-        if NAME_RE.match(wanted) and path.is_file():
+        if NAME_RE.match(wanted) and path.exists():  # not a regular file: refused by _read, not skipped
             return _ref(path, builtin)
     if "/" in wanted and not by_repo_id:
         return None
@@ -186,6 +206,9 @@ def add(spec: str, name: str, *, revision: str | None = None, token: str | bool 
 
 
 def remove(name: str) -> Path:
+    """Delete the user manifest `name` (a name, never a path: `../x` is refused)."""
+    if not NAME_RE.match(name.strip().lower()):
+        raise LorahubError(f"invalid registry name '{name}' (lower-case letters, digits, '.', '_', '-')")
     path = user_dir() / f"{name.strip().lower()}.json"
     if not path.is_file():
         if (builtin_dir() / f"{name.strip().lower()}.json").is_file():

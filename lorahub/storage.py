@@ -7,7 +7,10 @@ import contextlib
 import gc
 import hashlib
 import json
+import math
 import os
+import re
+import stat
 import struct
 import sys
 import threading
@@ -21,7 +24,18 @@ from .errors import LorahubError
 
 # a safetensors header larger than this is corrupt, not big (the format caps it at 100 MB)
 MAX_HEADER_BYTES = 100_000_000
+# a data section (one file's tensors) larger than this is corrupt, not big: 1 PiB. Header-only skeletons
+# and Hub headers are parsed without their data, so this is what keeps a hostile shape from becoming a
+# multi-terabyte allocation anywhere downstream
+MAX_DATA_BYTES = 1 << 50
+# a JSON file lorahub reads (configs, indexes, manifests, merge records) larger than this is not one
+MAX_JSON_BYTES = 512_000_000
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# every dtype of the safetensors format, with its size in bits (F4/F6 pack several elements per byte)
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+              "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+              "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
 @dataclass(slots=True)
@@ -71,32 +85,173 @@ def parse_header_bytes(raw: bytes, path: Path | str, file_size: int | None) -> S
 
 
 def _parse_header_json(raw: bytes, path: Path | str, file_size: int | None) -> SafetensorsHeader:
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LorahubError(f"corrupt safetensors header ({exc.__class__.__name__}: {exc})", path=path) from None
+    header = parse_json(raw, path, invalid="corrupt safetensors header")
     if not isinstance(header, dict):
         raise LorahubError("corrupt safetensors header (not a JSON object)", path=path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise LorahubError("corrupt safetensors header (__metadata__ is not an object)", path=path)
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise LorahubError(f"corrupt safetensors header (__metadata__ value of '{key}' is "
+                               f"{json_type(value)}, not a string)", path=path)
     tensors: dict[str, TensorInfo] = {}
-    data_len = 0
     for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            info = TensorInfo(name, str(entry["dtype"]), tuple(map(int, entry["shape"])), int(begin), int(end))
-        except (KeyError, TypeError, ValueError):
-            raise LorahubError("corrupt safetensors header entry", path=path, key=name) from None
-        if info.end < info.begin:
-            raise LorahubError("corrupt safetensors header (negative tensor size)", path=path, key=name)
-        data_len = max(data_len, info.end)
-        tensors[name] = info
-    if file_size is not None and 8 + len(raw) + data_len > file_size:
-        missing = 8 + len(raw) + data_len - file_size
-        raise LorahubError(f"truncated safetensors file ({missing} bytes of tensor data missing)", path=path)
-    return SafetensorsHeader(Path(str(path)), len(raw), tensors, {str(k): str(v) for k, v in metadata.items()},
+        tensors[name] = _tensor_info(name, entry, path)
+    _check_layout(tensors, path, None if file_size is None else file_size - 8 - len(raw))
+    data_len = max((info.end for info in tensors.values()), default=0)
+    return SafetensorsHeader(Path(str(path)), len(raw), tensors, metadata,
                              file_size if file_size is not None else 8 + len(raw) + data_len)
+
+
+def _tensor_info(name: str, entry: Any, path: Path | str) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape of non-negative integers, data offsets
+    `[begin, end]` with `end - begin` exactly the bytes that dtype × shape take."""
+    try:  # the common case, quickly (300,000 entries); anything odd is described by _entry_problem
+        shape, (begin, end) = entry["shape"], entry["data_offsets"]
+        bits = DTYPE_BITS[entry["dtype"]]
+        if type(shape) is list and type(begin) is int and type(end) is int and 0 <= begin <= end <= MAX_DATA_BYTES:
+            for dim in shape:
+                if type(dim) is not int or dim < 0:
+                    break
+                bits *= dim
+            else:
+                if bits == (end - begin) * 8:
+                    return TensorInfo(name, entry["dtype"], tuple(shape), begin, end)
+    except (TypeError, KeyError, ValueError):
+        pass
+    why = _entry_problem(entry) or "invalid entry"
+    raise LorahubError(f"corrupt safetensors header ({why})", path=path, key=name)
+
+
+def _entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"the entry is {json_type(entry)}, not an object"
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        return f"no '{missing[0]}'"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        return f"unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        return f"data_offsets {offsets!r} are not two non-negative integers"
+    begin, end = offsets
+    if end < begin:
+        return f"data_offsets [{begin}, {end}] end before they begin"
+    if end > MAX_DATA_BYTES:
+        return f"data_offsets end at byte {end:,}, beyond any real file"
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits != (end - begin) * 8:
+        return f"{dtype}{shape} takes {bits / 8:,g} bytes but data_offsets [{begin}, {end}] hold {end - begin:,}"
+    return None
+
+
+def _check_layout(tensors: dict[str, TensorInfo], path: Path | str, data_size: int | None) -> None:
+    """No two tensors share bytes, and (when the file's size is known) every tensor lies inside it."""
+    spans = [(info.begin, info.end, name) for name, info in tensors.items() if info.end > info.begin]
+    end = 0
+    for span in spans:  # writers lay tensors out in header order: then no sort is needed
+        if span[0] < end:
+            spans.sort()
+            break
+        end = span[1]
+    previous_end, previous = 0, ""
+    for begin, end, name in spans:
+        if begin < previous_end:
+            raise LorahubError(f"corrupt safetensors header (data_offsets [{begin}, {end}] overlap those of "
+                               f"tensor '{previous}', which end at {previous_end})", path=path, key=name)
+        previous_end, previous = end, name
+    if data_size is not None and previous_end > data_size:
+        name = next(name for _, end, name in spans if end > data_size)
+        raise LorahubError(f"truncated safetensors file (this tensor's data ends at byte {tensors[name].end:,} of "
+                           f"the data section, the file holds {data_size:,}; {previous_end - data_size:,} bytes "
+                           "of tensor data missing)", path=path, key=name)
+
+
+def json_type(value: Any) -> str:
+    """How a JSON value's type reads in a message: `an object`, `an array`, `a string`, `a number`..."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def parse_json(data: bytes | str, path: Path | str | None, *, what: str = "JSON", invalid: str | None = None) -> Any:
+    """JSON text (bytes: UTF-8, a UTF-8 byte-order mark allowed) parsed, or a one-line error naming
+    `path` and `what` it is: invalid UTF-8 (UTF-16 named as such), invalid JSON, nesting too deep for
+    the parser. `invalid` starts the message (default `invalid <what>`)."""
+    invalid = invalid or f"invalid {what}"
+    if isinstance(data, bytes):
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) > 1 and b"\x00" in data[:4]):
+            raise LorahubError(f"{invalid}: not UTF-8 (it looks like UTF-16/32); save it as UTF-8", path=path)
+        try:
+            data = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise LorahubError(f"{invalid}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                               path=path) from None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise LorahubError(f"{invalid} ({exc.msg} at line {exc.lineno} column {exc.colno})", path=path) from None
+    except RecursionError:
+        raise LorahubError(f"{invalid} (nested too deeply for its parser)", path=path) from None
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def open_regular(path: Path | str) -> int:
+    """A read-only descriptor of `path`, which must be a regular file (symlinks followed): a FIFO, a
+    device or a socket is refused without blocking on it (a FIFO's open waits for a writer)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise LorahubError(f"not a regular file ({_kind_of(mode)})", path=path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_regular(path: Path | str) -> None:
+    """Refuse a path that exists but is not a regular file or a directory (a FIFO, a device, a socket)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise LorahubError(f"not a regular file ({_kind_of(mode)})", path=path)
+
+
+def read_regular(path: Path | str, *, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of a regular file (refused: FIFOs, devices, sockets, anything over `limit` bytes)."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise LorahubError(f"file too large ({size:,} bytes; at most {limit:,} expected here)", path=path)
+        return _pread_exact(fd, size, 0)
+    except OSError as exc:
+        raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+    finally:
+        os.close(fd)
+
+
+def read_json_file(path: Path | str, *, what: str = "JSON") -> Any:
+    """A JSON file (configs, indexes, registry manifests, merge records): a regular file, UTF-8, valid
+    JSON, or a one-line error naming it."""
+    return parse_json(read_regular(path), path, what=what)
 
 
 def read_header(path: Path | str, *, check_size: bool = True) -> SafetensorsHeader:
@@ -107,13 +262,15 @@ def read_header(path: Path | str, *, check_size: bool = True) -> SafetensorsHead
     Each call reads and parses the header again; `cached_header(path)` parses it once per file.
     """
     path = Path(path)
+    fd = open_regular(path)
     try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as handle:
-            header_len = _header_length(handle.read(8), file_size, path)
-            raw = handle.read(header_len)
+        file_size = os.fstat(fd).st_size
+        header_len = _header_length(os.pread(fd, 8, 0), file_size, path)
+        raw = _pread_exact(fd, header_len, 8)
     except OSError as exc:
         raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+    finally:
+        os.close(fd)
     return _parse_raw_header(raw, path, file_size if check_size else None)
 
 
@@ -135,10 +292,7 @@ def _parse_raw_header(raw: bytes, path: Path, file_size: int | None) -> Safetens
 
 
 def _open_fd(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+    return open_regular(path)
 
 
 def _header_from_fd(fd: int, path: Path) -> SafetensorsHeader:
@@ -312,6 +466,21 @@ def close_open_files() -> None:
     """Forget every cached file; each closes once no reader holds it."""
     with _open_files_lock:
         _open_files.clear()
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(exc: BaseException, path: Path | str) -> OSError | None:
+    """The OSError inside another library's write error (safetensors' `SafetensorError: Error while
+    serializing: I/O error: No space left on device (os error 28)`), about `path`; None if it is not one."""
+    if isinstance(exc, OSError):
+        return exc
+    found = _OS_ERROR.search(str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def is_pickle_path(path: Path) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -24,6 +25,35 @@ def _make_console(stderr: bool) -> Console:
     # emoji=False: "file:abc:" in a message is a path, not the emoji code :abc:
     return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width, emoji=False,
                    color_system=None if plain else "auto", no_color=plain)
+
+
+# terminal escape sequences (CSI `ESC [ … final`, OSC `ESC ] … BEL|ESC \\`, DCS/SOS/PM/APC strings, and
+# two-byte `ESC x`), then any other C0/C1 control character, DEL, and Unicode bidi/line-separator controls
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x9b[0-?]*[ -/]*[@-~]?"
+                      r"|[\x1b\x9d\x90\x98\x9e\x9f][\]PX^_][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+                      r"|[\x9d\x90\x98\x9e\x9f][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?|\x1b[ -~]?")
+_WHITESPACE = re.compile(r"[\t\n\r\v\f\x85\u2028\u2029]")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: object) -> str:
+    """Text from a file or the Hub (names, metadata, config values, messages quoting them), safe to print:
+    terminal escape sequences and control characters removed, line breaks and tabs made spaces (a
+    message stays one line). Print it as plain text (`plain`, `escape`), never as markup."""
+    text = str(text)
+    if text.isprintable():  # the common case: nothing to do
+        return text
+    return _CONTROLS.sub("", _WHITESPACE.sub(" ", _ESCAPES.sub("", text)))
+
+
+def plain(text: object) -> Text:
+    """`clean` text as a rich `Text`: printed literally (`[bold]`, `[/]` are characters, not markup)."""
+    return Text(clean(text))
+
+
+def safe(text: object) -> str:
+    """`clean` text escaped for a rich markup string: `console.print(f"[bold]{safe(name)}[/]")`."""
+    return escape(clean(text))
 
 
 JSON_META = "lorahub.json"  # click ctx.meta key: the command line has --json (set by options.json_option)
@@ -50,8 +80,8 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]], **kwargs
     for column in columns:
         out.add_column(column)
     for row in rows:
-        # cells hold module and file names: plain text, never markup
-        out.add_row(*[Text(str(cell)) for cell in row])
+        # cells hold module and file names: plain text, never markup, no control characters
+        out.add_row(*[plain(cell) for cell in row])
     return out
 
 
@@ -87,8 +117,8 @@ def step_progress(description: str, total: int) -> Iterator[Any]:
 
 
 def error_line(message: str) -> None:
-    # messages carry file names and keys, which may contain '[...]': never read them as markup
-    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    # messages carry file names and keys, which may contain '[...]' or control characters
+    err_console.print(f"[bold red]error:[/] {safe(message)}", markup=True, highlight=False)
 
 
 def ok_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -104,13 +134,14 @@ def error_payload(message: str, exit_code: int, **extra: Any) -> dict[str, Any]:
 def report_error(message: str, exit_code: int = 1, *, as_json: bool = False, hint: str = "") -> None:
     """The one error style: `error: …` on one line on stderr (`hint` appended there only); with --json
     also the error object on stdout."""
+    message = clean(message)
     error_line(message + hint)
     if as_json:
         print_json(error_payload(message, exit_code))
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
+    err_console.print(f"[yellow]warning:[/] {safe(message)}", markup=True, highlight=False)
 
 
 def human_bytes(n: float) -> str:

@@ -9,13 +9,14 @@ given (warning), and an optional serving rank limit (`max_rank`, e.g. vLLM's `--
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .kinds import kind_of
-from .names import NameMatch, is_conv1d, layer_fits, match_layers, ref_shape
+from .kinds import CONV1D, kind_of
+from .names import NameMatch, base_conv1d, layer_fits, match_layers, ref_shape
 
 if TYPE_CHECKING:
     from .adapter import Adapter, LoraLayer
@@ -36,7 +37,7 @@ class Problem:
     found: str
     hint: str = ""
     severity: str = "error"  # "error" | "warning"
-    kind: str = "shape"  # missing|shape|orientation|rank|magnitude|bias|full_tensor|max_rank|empty
+    kind: str = "shape"  # missing|shape|orientation|rank|magnitude|bias|full_tensor|max_rank|empty|no_modules
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +65,8 @@ class ValidationReport:
         """The headline: what passed, or what failed — shapes that do not fit, ranks over --max-rank, or both."""
         if self.ok:
             text = f"fits: {self.matched}/{self.modules} modules of {self.adapter} match {self.base}"
+        elif any(p.kind == "no_modules" for p in self.errors):
+            text = f"{self.adapter} has no LoRA modules: nothing to apply to {self.base}"
         else:
             misfits = {p.module for p in self.errors if p.kind != "max_rank"}
             over = {p.module for p in self.errors if p.kind == "max_rank"}
@@ -96,9 +99,13 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
     problems: list[Problem] = []
     warnings: list[str] = []
     matched = 0
+    if not (adapter.layers or adapter.full_tensors or adapter.other_modules):
+        problems.append(Problem(adapter.name, "at least one LoRA module", "no modules",
+                                "an adapter of zero modules changes nothing", kind="no_modules"))
 
+    missing = set(match.missing)  # a set: 150,000 modules against a list was quadratic (86 s)
     for target, layer in adapter.layers.items():
-        if target in match.missing:
+        if target in missing:
             continue
         found = _check_layer(target, layer, match, base, max_rank)
         problems.extend(found)
@@ -177,29 +184,26 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
         return problems
 
     linear = layer.geometry.name in ("linear", "conv1d")
-    conv1d = is_conv1d(base, ref.weight) if len(shape) == 2 and linear else False
+    # the base decides the orientation (as PEFT does by the layer's type), never the adapter's flag
+    decided = base_conv1d(layer, base, ref)
+    conv1d = bool(decided)
     if not layer_fits(layer, shape, conv1d):
-        flipped = linear and len(shape) == 2 and shape[0] != shape[1] and \
-            layer_fits(layer, shape, not conv1d)
-        # without a model type, Conv1D is a guess from the name: then the shapes say which layout it is
-        if flipped and not _model_type_known(base, ref.weight):
-            conv1d = not conv1d
-        else:
-            hint = _shape_hint(layer, shape, conv1d, base, target)
-            if flipped:
-                hint = ("the adapter's factors fit this weight transposed: it was made for a "
-                        + ("Linear (out, in) layer; the base's is a Conv1D (in, out)" if conv1d else
-                           "Conv1D (in, out) layer; the base's is a Linear (out, in)"))
-            problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d), hint,
-                                    kind="shape"))
-            return problems
-    if linear and len(shape) == 2 and layer.fan_in_fan_out != conv1d:
-        # PEFT decides the orientation by the layer type, not by the flag; merging must too
+        hint = _shape_hint(layer, shape, conv1d, base, target)
+        if linear and len(shape) == 2 and shape[0] != shape[1] and layer_fits(layer, shape, not conv1d):
+            hint = ("the adapter's factors fit this weight transposed: it was made for a "
+                    + ("Linear (out, in) layer; the base's is a Conv1D (in, out)" if conv1d else
+                       "Conv1D (in, out) layer; the base's is a Linear (out, in)"))
+        problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d), hint,
+                                kind="shape"))
+        return problems
+    if decided is not None and decided != (layer.geometry is CONV1D):
+        # PEFT decides the orientation by the layer type, not by the flag; merging does too
         if conv1d:
             hint = (f"base {ref.weight} is stored (in, out) like GPT-2's Conv1D but the adapter says "
-                    f"fan_in_fan_out=false; merge transposes ΔW")
+                    f"fan_in_fan_out=false; merge transposes ΔW, as PEFT does")
         else:
-            hint = f"base {ref.weight} is stored (out, in) but the adapter says fan_in_fan_out=true"
+            hint = (f"base {ref.weight} is an ordinary (out, in) layer but the adapter says fan_in_fan_out=true; "
+                    f"merge ignores the flag, as PEFT does")
         problems.append(Problem(target, _expected(layer, shape, conv1d), _found(layer, conv1d), hint,
                                 severity="warning", kind="orientation"))
 
@@ -221,11 +225,6 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
                 problems.append(Problem(target, f"bias [{n_bias}]", f"LoRA bias {list(layer.bias.shape)}",
                                         "bias length must equal the output features", kind="bias"))
     return problems
-
-
-def _model_type_known(base: "BaseModel", weight: str) -> bool:
-    config = base.component_config(weight)
-    return isinstance(config, dict) and bool(config.get("model_type"))
 
 
 def _out_features(layer: "LoraLayer", shape: tuple[int, ...], conv1d: bool) -> int:
@@ -372,6 +371,9 @@ def _natural_key(text: str) -> list:
 # registry suggestions
 
 
+_PROBE_MODULES = 16
+
+
 def suggest_bases(adapter: "Adapter", exclude: str | None = None, limit: int = 3) -> list[str]:
     """Registry manifests whose shapes fit every module of the adapter ("fits: llama-2-7b")."""
     from . import registry
@@ -384,6 +386,12 @@ def suggest_bases(adapter: "Adapter", exclude: str | None = None, limit: int = 3
         try:
             candidate = registry.load_manifest(ref)
         except LorahubError:
+            continue
+        # a few modules first: most manifests are rejected by them at once, not after checking (and
+        # listing the problems of) every module of a large adapter
+        probe = replace(adapter, layers=dict(itertools.islice(adapter.layers.items(), _PROBE_MODULES)),
+                        full_tensors={})
+        if len(adapter.layers) > _PROBE_MODULES and not validate(probe, candidate, suggest=False).ok:
             continue
         report = validate(adapter, candidate, suggest=False)
         if report.ok and report.matched:

@@ -39,6 +39,13 @@ def test_bench_resize_tiny(bench, capsys):
     assert "RATIO per-layer / batched" in capsys.readouterr().out
 
 
+def test_bench_startup_smoke(bench, capsys):
+    assert bench("bench_startup").main(["--repeats", "1", "--commands", "help,inspect-headers", "--bytecode", "as-is",
+                                        "--no-torch-reference"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("lorahub --", "lorahub inspect"))]
+    assert len(rows) == 2 and all(row.endswith("  none") for row in rows), rows
+
+
 def test_bench_library_small(bench, capsys, tmp_path):
     assert bench("bench_library").main(["--adapters", "40", "--small", "--cold-repeats", "1", "--repeats", "1",
                                         "--workdir", str(tmp_path)]) == 0

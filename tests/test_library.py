@@ -386,14 +386,14 @@ def test_list_imports_no_torch(tmp_path):
     if _package_imports_torch():
         pytest.xfail("`import lorahub.cli` imports torch (issue 11 §5 not merged yet)")
     lib = tmp_path / "lib"
-    make_library(lib, 30, small=True)
+    make_library(lib, 40, small=True)
     code = ("import sys, runpy\nsys.argv = ['lorahub', 'list', sys.argv[1], '--json']\n"
             "try:\n    runpy.run_module('lorahub.cli', run_name='__main__')\n"
             "except SystemExit:\n    pass\nsys.stderr.write('TORCH=%s' % ('torch' in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code, str(lib)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "LORAHUB_HOME": str(tmp_path / "h")})
     assert "TORCH=False" in out.stderr, out.stderr[-2000:]
-    assert len(json.loads(out.stdout)["adapters"]) == 30
+    assert len(json.loads(out.stdout)["adapters"]) == 40
 
 
 # ----------------------------------------------------------------------------------------------

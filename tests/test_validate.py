@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import types
 from collections import Counter
 from pathlib import Path
@@ -346,6 +347,14 @@ def test_70b_base_costs_header_reads_only(tmp_path, lora_70b, monkeypatch, data)
         assert total > 140e9
     spy = _ReadSpy()
     monkeypatch.setattr(storage, "open", spy, raising=False)
+    real_pread = os.pread
+
+    def counted_pread(fd, n, offset):  # storage reads headers with os.pread on a checked regular file
+        data = real_pread(fd, n, offset)
+        spy.bytes[Path(os.readlink(f"/proc/self/fd/{fd}")).name] += len(data)
+        return data
+
+    monkeypatch.setattr(storage.os, "pread", counted_pread)
     adapter = load_adapter(lora_70b)
     report = validate(adapter, load_base(base_dir))
     assert report.ok, report.problems

@@ -13,11 +13,11 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
-import torch
-
 from ..adapter import ST_DTYPES, Adapter, LazyTensor, LoraLayer
 from ..devices import map_layers, resolve_device
 from ..errors import LorahubError, OptionError, UnsupportedError
+from ..lazy import LazyDict, torch
+from ..names import different_models, model_evidence, renamed_modules
 from .registry import (
     DEFAULT_METHOD,
     BlendMethod,
@@ -34,7 +34,9 @@ BASE_METADATA = ("ss_base_model_version", "ss_v2", "ss_network_module", "ss_sd_m
                  "ss_new_sd_model_hash", "modelspec.sai_model_spec", "modelspec.architecture",
                  "modelspec.implementation", "modelspec.resolution", "modelspec.prediction_type",
                  "lorahub.component")
-OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# built (and torch imported) on first use
+OUTPUT_DTYPES: LazyDict[str, torch.dtype] = LazyDict(
+    lambda: {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16})
 
 
 @dataclass
@@ -186,6 +188,30 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_base_mismatch: bool =
             listing = ", ".join(f"{a.name}: {a.base_model}" for a, _ in named)
             raise LorahubError(f"adapters are for different base models ({listing}); pass "
                                f"--allow-base-mismatch if these names are the same weights")
+    check_same_model(adapters, allow_base_mismatch=allow_base_mismatch)
+
+
+def check_same_model(adapters: Sequence[Adapter], *, allow_base_mismatch: bool = False) -> None:
+    """Refuse adapters whose module names say they belong to different models (a Llama LoRA and an SD UNet
+    LoRA, a UNet and a DiT, GPT-2 and Llama paths), or name the same modules differently: their union
+    would be an adapter of no model. Adapters of one base with different target subsets pass. The family
+    named in kohya/modelspec metadata counts as a name (--allow-base-mismatch overrides it); module names
+    and shapes are always checked."""
+    evidence = [model_evidence(adapter) for adapter in adapters]
+    for i, (first, a) in enumerate(zip(adapters, evidence)):
+        for second, b in zip(adapters[i + 1:], evidence[i + 1:]):
+            named = _base_key(first.base_model)
+            why = different_models(a, b, same_base=named is not None and named == _base_key(second.base_model))
+            if why is None and not allow_base_mismatch and a.family and b.family and a.family != b.family:
+                why = f"{a.family} vs {b.family} in their metadata; pass --allow-base-mismatch if that is wrong"
+            if why is not None:
+                raise LorahubError(f"{first.name} and {second.name} are adapters of different models ({why}); "
+                                   "blend refuses to combine them", path=second.path)
+            renamed = renamed_modules(a, b)
+            if renamed is not None:
+                raise LorahubError(f"{first.name} and {second.name} name the same module differently "
+                                   f"('{renamed[0]}' vs '{renamed[1]}'): blending would keep both as two "
+                                   "modules; convert both to one format first", path=second.path)
 
 
 def shared_full_tensors(adapters: Sequence[Adapter], *, drop: bool = False) -> tuple[dict[str, LazyTensor], list[str]]:

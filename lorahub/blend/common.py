@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-import torch
-from torch import Tensor
-
 from ..errors import OptionError
+from ..lazy import torch
 from ..lowrank import METHODS as RANK_METHODS
 from ..lowrank import SPLITS, LowRankSVD, choose_rank, retention, split_factors
 from .registry import LayerContext, Param, Term
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from .api import BlendOptions
 
 # a layer whose exact sum is below this fraction of Σ|cᵢ|·‖Bᵢ‖·‖Aᵢ‖ cancelled out (A − A): fp32 SVD

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from typing import Callable, Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import LorahubError
+from ..lazy import torch
 from ..lowrank import LowRankSVD
 from .common import RANK_PARAMS, cancel_bound, check_rank_rule, total, truncate
 from .registry import ELEMENTWISE, LayerContext, LayerResult, Param, Term, register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 DENSITY = Param("density", float, None, "fraction of entries kept per delta", min=0, max=1, required=True)
 DARE_DENSITY = replace(DENSITY, min_open=True, why="DARE divides by it")
@@ -132,7 +133,7 @@ def layer_generator(seed: int, target: str, device: torch.device) -> torch.Gener
     return generator
 
 
-Merge = Callable[[list[Tensor], Tensor], Tensor]
+Merge = Callable[[list["Tensor"], "Tensor"], "Tensor"]
 
 
 def dense_then_svd(terms: Sequence[Term], ctx: LayerContext, merge: Merge) -> LayerResult:

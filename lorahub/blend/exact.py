@@ -7,9 +7,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
-
 from ..errors import LorahubError
+from ..lazy import torch
 from ..lowrank import factored_svd_sum
 from .common import (
     RANK_PARAMS,

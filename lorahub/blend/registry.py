@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from torch import Tensor
-
 from ..errors import OptionError
 
 if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
     from .api import BlendOptions
 
 FACTORED = "factored"  # works on the factors, never forms the dense ΔW

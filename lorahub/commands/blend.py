@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.markup import escape
 
 from ..blend import DEFAULT_METHOD, RANK_METHODS, BlendOptions, blend, method_names, parse_weights
 from ..blend.registry import check_method_options, declarations, describe_param, method_help, shared_range
@@ -26,7 +25,7 @@ from ..options import (
     rank_param_option,
     torch_dtype_name,
 )
-from ..ui import console, ok_payload, print_json, step_progress, table
+from ..ui import console, ok_payload, print_json, safe, step_progress, table
 
 # the methods and their options come from the blend method registry (lorahub/blend/registry.py)
 METHOD_CHOICES = list(method_names())
@@ -180,7 +179,7 @@ def _run(adapter_args, weights, *, out, overwrite, method, to_format, dtype, dev
                                inputs=[("adapter", p) for a in adapters for p in adapter_sources(a)])
     report = result.report.to_dict()
     summary = {k: v for k, v in report["summary"].items() if k != "layers"}
-    warnings = []
+    warnings = [f"{adapter.name}: {line}" for adapter in adapters for line in adapter.warnings]
     if report["dropped_full_tensors"]:
         warnings.append(f"left out full tensors: {', '.join(report['dropped_full_tensors'])}")
     if summary["dropped"]:
@@ -219,7 +218,7 @@ def _render(report: dict, all_layers: bool) -> None:
     if summary["rel_error_max"] is not None:
         console.print(f"largest relative error against the exact weighted sum: {summary['rel_error_max']:.3g}")
     for line in report["warnings"]:
-        console.print(f"[yellow]{escape(line)}[/]")
+        console.print(f"[yellow]{safe(line)}[/]")
     layers = report["layers"]
     title = "layers"
     if len(layers) > TABLE_LIMIT and not all_layers:
@@ -229,4 +228,4 @@ def _render(report: dict, all_layers: bool) -> None:
     rows = [[layer["target"], "+".join(str(r) for r in layer["input_ranks"]), layer["rank"],
              _fmt(layer["energy_retained"]), f"{layer['rel_error']:.3g}", layer["note"]] for layer in layers]
     console.print(table(title, ["module", "input ranks", "rank", "energy kept", "rel. error", "note"], rows))
-    console.print(f"wrote {escape(str(report['out']))} ({report['format']})")
+    console.print(f"wrote {safe(report['out'])} ({report['format']})")

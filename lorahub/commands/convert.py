@@ -12,7 +12,7 @@ from ..options import (
     output_format_option,
     overwrite_option,
 )
-from ..ui import console, ok_payload, print_json, warn
+from ..ui import console, ok_payload, plain, print_json, warn
 
 
 @click.command("convert")
@@ -44,7 +44,7 @@ def convert_command(src, to_format, out, overwrite, drop_full_tensors, input_for
                                "format": result["to"], "modules": result["modules"],
                                "seconds": round(time.perf_counter() - start, 3), "warnings": result["warnings"]}))
     else:
-        console.print(f"converted {result['modules']} modules from {result['from']} to {result['to']}: "
-                      f"{result['out']}", markup=False)
+        console.print(plain(f"converted {result['modules']} modules from {result['from']} to {result['to']}: "
+                            f"{result['out']}"))
         for warning in result["warnings"]:
             warn(warning)

@@ -9,7 +9,6 @@ from typing import Sequence
 
 import click
 
-from ..demo import run_demo
 from ..options import json_option
 from ..ui import console, ok_payload, print_json
 
@@ -39,6 +38,8 @@ def demo_command(workdir, as_json):
     Example:
       lorahub demo --workdir ./lorahub-demo
     """
+    from ..demo import run_demo
+
     steps = []
 
     def say(title: str, argv: Sequence[str], text: str) -> None:

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 
 from ..options import json_option, out_option, overwrite_option
-from ..ui import console, err_console, ok_payload, print_json
+from ..ui import clean, console, err_console, ok_payload, print_json, safe
 
 
 def _prompt_choice(labels: list[str]) -> int:
     err_console.print("This repository holds several adapters:")
     for i, label in enumerate(labels, 1):
-        err_console.print(f"  {i}. {escape(str(label))}")
+        err_console.print(f"  {i}. {safe(label)}")
     choice = click.prompt("Which one", type=click.IntRange(1, len(labels)), err=True)
     return choice - 1
 
@@ -61,7 +60,7 @@ def pull_command(repo, revision, out, overwrite, include, no_inspect, as_json):
     click.echo(str(result.path))
     commit = f" (commit {result.commit})" if result.commit else ""
     cached = " from the local cache" if result.offline else ""
-    err_console.print(escape(f"pulled {result.repo_id}@{result.revision}{commit}{cached}: {', '.join(result.files)}"))
+    err_console.print(safe(f"pulled {result.repo_id}@{result.revision}{commit}{cached}: {', '.join(result.files)}"))
     if info is not None:
         from .inspect import render
 
@@ -97,10 +96,10 @@ def push_command(path, repo, private, revision, message, create_pr, base, as_jso
     from ..hub import push
 
     result = push(path, repo, private=private, revision=revision, message=message, create_pr=create_pr,
-                  base=base, on_progress=None if as_json else (lambda text: err_console.print(text)))
+                  base=base, on_progress=None if as_json else (lambda text: err_console.print(safe(text))))
     if as_json:
         print_json(ok_payload({"path": str(path), **result.as_dict()}))
         return
     if result.pr_url:
-        console.print(escape(f"opened pull request {result.pr_url}"))
-    click.echo(result.commit_url or result.repo_url)
+        console.print(safe(f"opened pull request {result.pr_url}"))
+    click.echo(clean(result.commit_url or result.repo_url))  # URLs the Hub answered: no control characters

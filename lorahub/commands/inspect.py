@@ -8,7 +8,7 @@ from rich.table import Table
 
 from ..inspect import inspect_adapter, nonfinite_error
 from ..options import adapter_input_options, all_layers_option, json_option, resolve_path
-from ..ui import console, error_line, error_payload, human_bytes, ok_payload, print_json, table
+from ..ui import console, error_line, error_payload, human_bytes, ok_payload, plain, print_json, table
 
 
 @click.command("inspect")
@@ -107,7 +107,7 @@ def render(info: dict, show_layers: bool = False) -> None:
         rows.append(("metadata", "; ".join(f"{k}={v if len(v) < 60 else v[:57] + '...'}" for k, v in shown)
                      + (f"; … {len(meta) - 12} more (--json)" if len(meta) > 12 else "")))
     for name, value in rows:
-        summary.add_row(name, str(value))
+        summary.add_row(name, plain(value))
     console.print(summary)
     if show_layers:
         columns = ["module", "kind", "rank", "alpha", "scale", "A", "B"]

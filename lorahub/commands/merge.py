@@ -5,11 +5,10 @@ import math
 from typing import TYPE_CHECKING, Sequence
 
 import click
-from rich.markup import escape
 
 from ..errors import OptionError
 from ..options import adapter_input_options, device_option, dtype_option, json_option, out_option, overwrite_option
-from ..ui import byte_progress, console, error_line, error_payload, human_bytes, ok_payload, print_json, warn
+from ..ui import byte_progress, console, error_line, error_payload, human_bytes, ok_payload, print_json, safe, warn
 
 if TYPE_CHECKING:
     from ..merge import AdapterInput
@@ -104,7 +103,7 @@ def _summary(result) -> None:
     rate = f"{result.gb_per_s:.2f} GB/s" if result.seconds > 0 else "-"
     what = "merged" if result.operation == "merge" else "unmerged"
     names = ", ".join(f"{a['name']}:{a['weight']:g}" for a in result.adapters)
-    console.print(f"[green]✓[/] {escape(f'{what} {names} → {result.out}')}")
+    console.print(f"[green]✓[/] {safe(f'{what} {names} → {result.out}')}")
     how = " (exact: recorded originals restored)" if result.exact else ""
     console.print(f"  tensors changed {result.tensors_changed}{how}, copied unchanged {result.tensors_copied}; "
                   f"files rewritten {result.files_rewritten}, copied {result.files_copied}")

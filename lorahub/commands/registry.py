@@ -4,10 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from ..options import json_option, out_option, overwrite_option
-from ..ui import console, human_bytes, ok_payload, print_json, table
+from ..ui import console, human_bytes, ok_payload, print_json, safe, table
 
 
 def _params(n: int | None) -> str:
@@ -59,7 +58,7 @@ def list_command(as_json: bool) -> None:
     rows = [[ref.name, ref.repo_id or "", ref.layout or "", _params(ref.params), ref.dtype or "",
              "built-in" if ref.builtin else "user"] for ref in refs]
     console.print(table(None, ["name", "repo", "layout", "params", "dtype", "origin"], rows))
-    console.print(escape(f"user manifests: {user_dir()}"))
+    console.print(safe(f"user manifests: {user_dir()}"))
 
 
 @registry_group.command("show")
@@ -102,7 +101,7 @@ def show_command(name: str, show_tensors: bool, as_json: bool) -> None:
         grid.append(("components", ", ".join(f"{c} ({n} tensors)" for c, n in counts.items())))
     for key, value in grid:
         if value:
-            console.print(f"[bold]{key:<11}[/] {escape(str(value))}")
+            console.print(f"[bold]{key:<11}[/] {safe(value)}")
     if show_tensors:
         console.print(table(None, ["tensor", "shape", "dtype"],
                             [[t.name, list(t.shape), t.dtype] for t in base.tensors.values()]))
@@ -135,12 +134,18 @@ def add_command(spec: str, name: str, revision: str | None, out: Path | None, ov
         print_json(ok_payload({"name": name, "out": str(path), "layout": base.layout, "tensors": len(base.tensors),
                                "params": base.num_params, "repo_id": base.repo_id, "revision": base.revision}))
         return
-    console.print(escape(f"added {name}: {len(base.tensors)} tensors, {base.num_params:,} parameters "
+    console.print(safe(f"added {name}: {len(base.tensors)} tensors, {base.num_params:,} parameters "
                          f"({base.layout}) -> {path}"))
 
 
+def _check_removable(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """`registry remove NAME`: a name (any case, as the manifests are found), never a path like `../x`."""
+    _check_name(ctx, param, value.strip().lower())
+    return value
+
+
 @registry_group.command("remove")
-@click.argument("name")
+@click.argument("name", callback=_check_removable)
 @json_option
 def remove_command(name: str, as_json: bool) -> None:
     """Remove a manifest you added (built-in manifests stay).
@@ -155,7 +160,7 @@ def remove_command(name: str, as_json: bool) -> None:
     if as_json:
         print_json(ok_payload({"name": name, "path": str(path)}))
     else:
-        console.print(escape(f"removed {name} ({path})"))
+        console.print(safe(f"removed {name} ({path})"))
 
 
 # lorahub.cli registers every module-level click.Command as a top-level command; the subcommands

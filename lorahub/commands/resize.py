@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from ..options import (
     adapter_input_options,
@@ -22,7 +21,7 @@ from ..options import (
     split_option,
     torch_dtype_name,
 )
-from ..ui import console, err_console, ok_payload, print_json, step_progress, table, warn
+from ..ui import console, err_console, ok_payload, print_json, safe, step_progress, table, warn
 
 TABLE_LIMIT = 40  # layers listed in full; beyond that the lowest retained energy first (--all-layers for all)
 
@@ -96,8 +95,9 @@ def resize(adapter: str, rank: int | None, rank_method: str, param: float | None
         written = save_adapter(resized, out, format=fmt, overwrite=overwrite)
     seconds = time.perf_counter() - start
     summary = report.summary()
-    warnings = [f"{summary['zero']} layer(s) have an all-zero delta; written as rank-1 zero factors"] \
-        if summary["zero"] else []
+    warnings = list(source.warnings)
+    if summary["zero"]:
+        warnings.append(f"{summary['zero']} layer(s) have an all-zero delta; written as rank-1 zero factors")
     if as_json:
         print_json(ok_payload({
             "path": str(source.path), "out": str(written), "from": source.format, "format": fmt,
@@ -130,12 +130,12 @@ def resize(adapter: str, rank: int | None, rank_method: str, param: float | None
     console.print(
         f"{summary['resized']} of {summary['layers']} layers resized, {summary['kept']} kept; "
         f"energy retained: mean {_pct(summary['mean_energy_retained'])}, worst "
-        f"{_pct(summary['worst_energy_retained'])}" + (f" ({escape(worst.target)})" if worst else "") +
+        f"{_pct(summary['worst_energy_retained'])}" + (f" ({safe(worst.target)})" if worst else "") +
         f"; parameters {summary['old_params']:,} → {summary['new_params']:,}; "
         f"{seconds:.2f} s")
     for line in warnings:
         warn(line)
-    err_console.print(escape(f"wrote {fmt} adapter to {written}"))
+    err_console.print(safe(f"wrote {fmt} adapter to {written}"))
 
 
 def _layer_json(layer) -> dict:

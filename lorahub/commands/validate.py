@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 
 from ..options import adapter_input_options, all_layers_option, json_option, open_adapter
-from ..ui import console, error_line, print_json, table, warn
+from ..ui import console, error_line, print_json, safe, table, warn
 
 LIMIT = 200  # problems listed (all with --all-layers or --json)
 
@@ -49,7 +48,7 @@ def validate_command(ctx, adapter, base_spec, revision, max_rank, all_layers, in
     if not spec:
         raise click.UsageError("the adapter does not name its base model; pass --base SRC")
     if not base_spec and not as_json:
-        console.print(escape(f"base: {spec} (named in the adapter)"))
+        console.print(safe(f"base: {spec} (named in the adapter)"))
     try:
         base = load_base(spec, revision=revision)
     except LorahubError:
@@ -81,7 +80,7 @@ def validation_payload(report, path=None) -> dict:
 
 def render(report, all_layers: bool = False) -> None:
     mark = "[green]✓[/]" if report.ok else "[red]✗[/]"
-    console.print(f"{mark} {escape(report.summary)}")
+    console.print(f"{mark} {safe(report.summary)}")
     shown = report.problems if all_layers else report.problems[:LIMIT]
     if shown:
         rows = [[("(warning) " if p.severity == "warning" else "") + p.module, p.expected, p.found, p.hint]

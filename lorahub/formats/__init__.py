@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ContextManager, Iterable, Literal
 
 from ..adapter import Adapter
 from ..errors import LorahubError
-from ..storage import is_pickle_path
+from ..storage import as_os_error, check_regular, is_pickle_path
 from .common import ADAPTER_KEY_MARKERS, TensorSource
 from .spec import Format
 
@@ -96,19 +96,41 @@ def load_adapter(path: Path | str, format: str | None = None, *, allow_pickle: b
     path = Path(path)
     if not path.exists():
         raise LorahubError("no such file or directory", path=path)
+    check_regular(path)  # a FIFO or a device: refused at once (reading one would block or never end)
     if format in (None, "auto"):
         for fmt in _by_priority():
             if fmt.detect_path is not None and fmt.detect_path(path):
-                return fmt.read(path, allow_pickle=allow_pickle)
+                return require_modules(fmt.read(path, allow_pickle=allow_pickle), fmt.name)
         file = _single_file(path)
         source = TensorSource(file, allow_pickle=allow_pickle)
-        return detect_by_keys(file, source.keys()).read(file, allow_pickle=allow_pickle, source=source)
+        fmt = detect_by_keys(file, source.keys())
+        return require_modules(fmt.read(file, allow_pickle=allow_pickle, source=source), fmt.name)
     fmt = get_format(format)
     if fmt.directory:
         if fmt.detect_path is not None and not fmt.detect_path(path):
             raise LorahubError(f"not a {fmt.name} adapter: no {' or '.join(fmt.marker_files[:1])} here", path=path)
-        return fmt.read(path, allow_pickle=allow_pickle)
-    return fmt.read(_single_file(path), allow_pickle=allow_pickle)
+        return require_modules(fmt.read(path, allow_pickle=allow_pickle), fmt.name, forced=True)
+    return require_modules(fmt.read(_single_file(path), allow_pickle=allow_pickle), fmt.name, forced=True)
+
+
+def require_modules(adapter: Adapter, format: str, *, forced: bool = False) -> Adapter:
+    """The adapter, if it holds anything to apply: LoRA layers, full tensors or LyCORIS modules. An adapter
+    of zero modules (a `--format` that does not match the files reads nothing) is an error, never
+    "✓ … 0 modules"."""
+    if adapter.layers or adapter.full_tensors or adapter.other_modules:
+        return adapter
+    where = adapter.files[0] if adapter.files else adapter.path
+    keys = adapter.extra_keys
+    hint = ""
+    if forced and keys and where is not None:
+        try:
+            detected = detect_by_keys(Path(where), keys).name
+        except LorahubError:
+            detected = None
+        if detected and detected != format:
+            hint = f"; its keys look like {detected}: drop --format or pass --format {detected}"
+    what = f"among {len(keys)} tensors (e.g. '{keys[0]}')" if keys else "(no tensors)"
+    raise LorahubError(f"no LoRA modules found {what} (format {format}){hint}", path=where)
 
 
 def output_target(out: Path | str, format: str) -> tuple[Path, Literal["dir", "file"]]:
@@ -162,10 +184,16 @@ def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None, *
     sources = [("adapter", p) for p in adapter_sources(adapter)]
     with output.write(path, kind=kind, overwrite=overwrite, inputs=[*inputs, *sources],
                       command=f"save {name}") as tmp:
-        fmt.write(adapter, tmp)
+        try:
+            fmt.write(adapter, tmp)
+        except Exception as exc:  # a full disk or a file-size limit inside a writer library: an OSError
+            error = as_os_error(exc, path)
+            if error is None or error is exc:
+                raise
+            raise error from None
     return path
 
 
 __all__ = ["FORMATS", "READ_FORMATS", "Format", "adapter_sources", "all_formats", "detect_by_keys", "get_format",
-           "is_adapter_state", "load_adapter", "marker_files", "output_target", "reserve_output",
-           "save_adapter"]
+           "is_adapter_state", "load_adapter", "marker_files", "output_target", "require_modules",
+           "reserve_output", "save_adapter"]

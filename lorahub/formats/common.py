@@ -8,12 +8,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..adapter import Adapter, LazyTensor, LoraLayer
 from ..errors import LorahubError
-from ..kinds import CONV, factor_kind
-from ..storage import SafetensorsHeader, TensorInfo, is_pickle_path, load_pickle_state_dict, open_safetensors
+from ..kinds import CONV, CONV1D, EMBEDDING, KINDS, LINEAR, conv1d_by_name, factor_kind
+from ..lazy import torch
+from ..storage import (
+    SafetensorsHeader,
+    TensorInfo,
+    is_pickle_path,
+    json_type,
+    load_pickle_state_dict,
+    open_safetensors,
+    parse_json,
+)
 
 # substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights
 ADAPTER_KEY_MARKERS = (".lora_A", ".lora_B", "lora_down", "lora_up", "lora_embedding_", ".alpha",
@@ -134,6 +141,29 @@ def component_of(target: str) -> str | None:
     return head if head in COMPONENTS else None
 
 
+def settle_fan_in_fan_out(adapter: Adapter) -> None:
+    """PEFT decides a layer's orientation by its type and ignores `fan_in_fan_out` for `nn.Linear` (with
+    a warning): a layer whose name says it is not a transformers Conv1D (`kinds.conv1d_by_name`) is an
+    ordinary layer whatever the file says, and the adapter says so once. Conv and embedding layers have
+    no such flag (their factor shapes say what they are). With a base, the base decides again at merge."""
+    ignored = []
+    for layer in adapter.layers.values():
+        kind = layer.geometry
+        if kind not in (LINEAR, CONV1D):
+            layer.fan_in_fan_out = False
+            continue
+        if kind is LINEAR:
+            continue
+        component = component_of(layer.target) if adapter.has_components else infer_component(layer.target)
+        if not conv1d_by_name(layer.target, component is not None):
+            ignored.append(layer.target)
+            layer.fan_in_fan_out, layer.kind = False, LINEAR.name
+    if ignored:
+        adapter.warnings.append(
+            f"fan_in_fan_out=true on {len(ignored)} layer(s) that are not transformers Conv1D layers (e.g. "
+            f"'{ignored[0]}'): ignored, as PEFT ignores it for nn.Linear (ΔW is not transposed)")
+
+
 # lorahub writes each module's exact target, kind and orientation here (JSON), so round trips through
 # kohya files need no name guessing and keep embedding / Conv1D layers what they were
 LAYERS_METADATA = "lorahub.layers"
@@ -143,12 +173,94 @@ def layer_entry(layer: LoraLayer) -> dict:
     return {"target": layer.target, "kind": layer.kind, "fan_in_fan_out": layer.fan_in_fan_out}
 
 
-def read_layers_metadata(metadata: dict[str, str]) -> dict[str, dict]:
-    try:
-        known = json.loads(metadata.get(LAYERS_METADATA, "{}"))
-        return {str(k): dict(v) for k, v in known.items() if isinstance(v, dict) and "target" in v}
-    except (ValueError, TypeError):
+def checked_kind(path: Path, module: str, entry: dict, down: LazyTensor, up: LazyTensor, *,
+                 embedding_keys: bool | None = None) -> str:
+    """A layer's kind: what the factor shapes say (≥ 3-D factors: a convolution) and, in PEFT-style files,
+    the keys (`lora_embedding_A` or `lora_A`); `lorahub.layers` metadata only tells apart what they leave
+    open (a 2-D pair in a kohya file: linear, Conv1D or embedding). Metadata the tensors contradict is
+    refused, naming the module: obeying it would apply another delta than the file's."""
+    evidence = factor_kind(down.shape, bool(embedding_keys))
+    declared = entry.get("kind")
+    if declared in (None, ""):
+        return evidence
+    if not isinstance(declared, str) or declared not in KINDS:
+        raise LorahubError(f"{LAYERS_METADATA} says module '{module}' is a {declared!r} layer, which is no layer "
+                           f"kind ({', '.join(KINDS)})", path=path)
+    matrices = len(down.shape) == 2 and len(up.shape) == 2
+    fits = (len(down.shape) > 2) if KINDS[declared] is CONV else matrices
+    if fits and embedding_keys is not None:
+        fits = (KINDS[declared] is EMBEDDING) == embedding_keys
+    if not fits:
+        keys = "" if embedding_keys is None else \
+            (" (lora_embedding_A/B keys)" if embedding_keys else " (lora_A/lora_B keys)")
+        raise LorahubError(f"{LAYERS_METADATA} says module '{module}' is a {declared} layer but its factors are "
+                           f"A {list(down.shape)}, B {list(up.shape)}{keys}: the metadata contradicts the "
+                           "tensors", path=path)
+    return declared
+
+
+def read_layers_metadata(metadata: dict[str, str], path: Path | str | None = None) -> dict[str, dict]:
+    """`lorahub.layers`: {file module name: {"target": str, "kind": str, "fan_in_fan_out": bool}}, or a
+    one-line error naming the file when it is not JSON of that shape."""
+    raw = metadata.get(LAYERS_METADATA)
+    if raw is None:
         return {}
+    what = f"metadata '{LAYERS_METADATA}'"
+    known = parse_json(raw, path, what=what)
+    if not isinstance(known, dict):
+        raise LorahubError(f"{what} must be a JSON object {{module: {{target, kind, fan_in_fan_out}}}}, found "
+                           f"{json_type(known)}", path=path)
+    for module, entry in known.items():
+        if not isinstance(entry, dict):
+            raise LorahubError(f"{what}: the entry of '{module}' is {json_type(entry)}, not an object", path=path)
+        # (`kind` is checked against the tensors by checked_kind)
+        for key, types, label in (("target", (str,), "a string"), ("fan_in_fan_out", (bool,), "true or false")):
+            if key in entry and entry[key] is not None and not isinstance(entry[key], types):
+                raise LorahubError(f"{what}: '{key}' of '{module}' must be {label}, found "
+                                   f"{json_type(entry[key])} {_shown(entry[key])}", path=path)
+    return {str(k): dict(v) for k, v in known.items() if isinstance(v.get("target"), str)}
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_lora_config(config: dict, path: Path | str | None, *, prefix: str = "", what: str = "") -> None:
+    """The LoraConfig fields lorahub reads have the JSON types PEFT gives them: strings, booleans,
+    numbers, and rank/alpha patterns whose keys are regular expressions. `prefix` is put before each
+    key in messages (`unet.` in a diffusers file's `lora_adapter_metadata`), `what` before the message."""
+    def fail(message: str) -> LorahubError:
+        return LorahubError(f"{what}{message}", path=path)
+
+    for key, label, ok in (
+            ("base_model_name_or_path", "a string", lambda v: isinstance(v, str)),
+            ("peft_type", "a string", lambda v: isinstance(v, str)),
+            ("use_rslora", "true or false", lambda v: isinstance(v, bool)),
+            ("fan_in_fan_out", "true or false", lambda v: isinstance(v, bool)),
+            ("r", "a number", _is_number),
+            ("lora_alpha", "a number", _is_number)):
+        value = config.get(key)
+        if value is not None and not ok(value):
+            raise fail(f"'{prefix}{key}' must be {label}, found {json_type(value)} {_shown(value)}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise fail(f"'{prefix}{key}' must be an object {{pattern: value}}, found {json_type(patterns)}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as exc:
+                raise fail(f"'{prefix}{key}': '{pattern}' is not a valid regular expression ({exc})") from None
+            if not _is_number(value):
+                raise fail(f"'{prefix}{key}': the value of '{pattern}' must be a number, found "
+                           f"{json_type(value)} {_shown(value)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +356,7 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
     metadata = source.metadata
     adapter = Adapter(path=path, format=format_name, metadata=metadata, files=[path],
                       base_model=metadata.get("lorahub.base_model"))
-    known = read_layers_metadata(metadata)
+    known = read_layers_metadata(metadata, path)
     groups: dict[str, dict[str, str]] = {}
     for key in source.keys():
         split = _split_peft_style(key)
@@ -252,7 +364,11 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
             adapter.extra_keys.append(key)
             continue
         module, label = split
-        groups.setdefault(_module_name(module), {})[label] = key
+        group = groups.setdefault(_module_name(module), {})
+        if label in group:  # `a.processor.to_q` and `a.to_q`: two tensors for one module
+            raise LorahubError(f"'{group[label]}' and '{key}' are the same tensor of module '{_module_name(module)}'",
+                               path=path)
+        group[label] = key
     for module, keys in groups.items():
         embedding = "embA" in keys or "embB" in keys
         down_label, up_label = ("embA", "embB") if embedding else ("A", "B")
@@ -274,8 +390,12 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
                                         config.get("lora_alpha", config.get("r", rank))))
             use_rslora = bool(config.get("use_rslora", False))
         entry = known.get(module, {})
+        if entry and entry.get("target") != module:
+            raise LorahubError(f"{LAYERS_METADATA} maps module '{module}' to target {entry.get('target')!r}: the "
+                               "metadata contradicts the keys", path=path)
         adapter.layers[module] = LoraLayer(
-            target=module, kind=layer_kind(down.shape, embedding), A=down, B=up, alpha=alpha, rank=rank,
+            target=module, kind=checked_kind(path, module, entry, down, up, embedding_keys=embedding),
+            A=down, B=up, alpha=alpha, rank=rank,
             use_rslora=use_rslora, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
             magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
             bias=source.lazy(keys["bias"]) if "bias" in keys else None, source_key=module)
@@ -284,4 +404,5 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
     else:
         adapter.has_components = bool(adapter.layers) and all(
             target.split(".", 1)[0] in COMPONENTS for target in adapter.layers)
+    settle_fan_in_fan_out(adapter)
     return adapter

@@ -4,15 +4,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
+from ..kinds import EMBEDDING
+from ..lazy import save_file, torch
+from ..storage import json_type, parse_json
 from .common import (
     COMPONENTS_METADATA,
     LAYERS_METADATA,
     TensorSource,
+    check_lora_config,
     component_of,
     infer_component,
     layer_entry,
@@ -25,27 +26,32 @@ from .spec import Format
 
 NAME = "diffusers"
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER_METADATA = "lora_adapter_metadata"
 
 
 def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None = None) -> Adapter:
     source = source or TensorSource(path, allow_pickle=allow_pickle)
-    return read_peft_style_file(path, source, NAME, _adapter_configs(source.metadata))
+    return read_peft_style_file(path, source, NAME, _adapter_configs(source.metadata, path))
 
 
-def _adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
-    """diffusers stores the PEFT config per component as JSON under `lora_adapter_metadata`."""
-    raw = metadata.get("lora_adapter_metadata")
+def _adapter_configs(metadata: dict[str, str], path: Path | None = None) -> dict[str, dict]:
+    """diffusers stores the PEFT config per component as JSON under `lora_adapter_metadata`
+    (`{"unet.r": 4, "unet.lora_alpha": 8, ...}`); a value of the wrong JSON type is a one-line error."""
+    raw = metadata.get(ADAPTER_METADATA)
     if not raw:
         return {}
-    try:
-        flat = json.loads(raw)
-    except ValueError:
-        return {}
+    what = f"metadata '{ADAPTER_METADATA}'"
+    flat = parse_json(raw, path, what=what)
+    if not isinstance(flat, dict):
+        raise LorahubError(f"{what} must be a JSON object {{\"component.field\": value}}, found {json_type(flat)}",
+                           path=path)
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
         if field:
             configs.setdefault(component, {})[field] = value
+    for component, config in configs.items():
+        check_lora_config(config, path, prefix=f"{component}.", what=f"{what}: ")
     return configs
 
 
@@ -74,7 +80,7 @@ def write(adapter: Adapter, out: Path) -> Path:
             fields = lora_config_fields([layer for _, layer in items], inner)
             configs.update({f"{component}.{key}": value for key, value in fields.items()})
     for base, layer in keyed.items():
-        if layer.kind == "embedding":
+        if layer.geometry is EMBEDDING:
             tensors[f"{base}.lora_embedding_A"] = layer.A.load().contiguous()
             tensors[f"{base}.lora_embedding_B"] = layer.B.load().contiguous()
         else:
@@ -90,9 +96,10 @@ def write(adapter: Adapter, out: Path) -> Path:
         raise LorahubError("diffusers LoRA files cannot carry full replacement tensors (modules_to_save: "
                            f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)
     metadata = {"format": "pt", COMPONENTS_METADATA: "1" if has_components else "0", LAYERS_METADATA: json.dumps(
-        {key: layer_entry(layer) for key, layer in keyed.items() if layer.fan_in_fan_out}, sort_keys=True)}
+        {key: {**layer_entry(layer), "target": key} for key, layer in keyed.items() if layer.fan_in_fan_out},
+        sort_keys=True)}
     if configs:
-        metadata["lora_adapter_metadata"] = json.dumps(configs, sort_keys=True)
+        metadata[ADAPTER_METADATA] = json.dumps(configs, sort_keys=True)
     if adapter.base_model:
         metadata["lorahub.base_model"] = adapter.base_model
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,24 +9,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
+from ..lazy import save_file, torch
 from .common import (
     COMPONENTS_METADATA,
     LAYERS_METADATA,
     TensorSource,
     check_pair,
+    checked_kind,
     component_of,
     kohya_dora_scale,
     layer_entry,
-    layer_kind,
     missing_partner,
     read_layers_metadata,
+    settle_fan_in_fan_out,
 )
-from .kohya_names import KOHYA_PREFIXES, kohya_split_prefix, kohya_to_target, target_to_kohya
+from .kohya_names import KOHYA_PREFIXES, kohya_name_fits, kohya_split_prefix, kohya_to_target, target_to_kohya
 from .spec import Format
 
 NAME = "kohya"
@@ -64,8 +63,18 @@ def lycoris_keys(keys: list[str]) -> int:
 def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None = None) -> Adapter:
     source = source or TensorSource(path, allow_pickle=allow_pickle)
     metadata = source.metadata
-    known = read_layers_metadata(metadata)
-    known_targets = {name: entry["target"] for name, entry in known.items()}
+    known = read_layers_metadata(metadata, path)
+
+    def target_of(module: str) -> str:
+        """The module's target: lorahub's metadata where it fits the key names, else guessed from them."""
+        declared = known.get(module, {}).get("target")
+        if declared is None:
+            return kohya_to_target(module)
+        if not isinstance(declared, str) or not kohya_name_fits(module, declared):
+            raise LorahubError(f"{LAYERS_METADATA} maps module '{module}' to target {declared!r}, which is not "
+                               "what its name flattens: the metadata contradicts the keys", path=path)
+        return declared
+
     base_model = metadata.get("lorahub.base_model") or metadata.get("ss_sd_model_name") or \
         metadata.get("modelspec.architecture")
     adapter = Adapter(path=path, format=NAME, metadata=metadata, files=[path], base_model=base_model)
@@ -76,7 +85,7 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
             module, _, tail = key.partition(".")
             algo = LYCORIS_MARKERS.get(tail) or LYCORIS_MARKERS.get(tail.removesuffix(".weight"))
             if algo:
-                adapter.other_modules[known_targets.get(module, kohya_to_target(module))] = algo
+                adapter.other_modules[target_of(module)] = algo
             else:
                 adapter.extra_keys.append(key)
             continue
@@ -84,7 +93,7 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         groups.setdefault(module, {})[label] = key
 
     for module, keys in groups.items():
-        target = known_targets.get(module) or kohya_to_target(module)
+        target = target_of(module)
         if target in adapter.other_modules:
             continue  # LoHa/LoKr modules carry .alpha too
         if "down" not in keys or "up" not in keys:
@@ -104,8 +113,12 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
             adapter.unsupported_variant = adapter.unsupported_variant or \
                 "input-axis DoRA (dora_scale of shape (1, in), LyCORIS wd_on_out=False)"
         entry = known.get(module, {})
+        if target in adapter.layers:
+            raise LorahubError(f"modules '{adapter.layers[target].source_name}' and '{module}' both map to "
+                               f"'{target}'" + (f" ({LAYERS_METADATA} metadata)" if entry else "")
+                               + ": one module would silently replace the other", path=path)
         adapter.layers[target] = LoraLayer(
-            target=target, kind=entry.get("kind") or layer_kind(down.shape), A=down, B=up, alpha=alpha,
+            target=target, kind=checked_kind(path, module, entry, down, up), A=down, B=up, alpha=alpha,
             rank=rank, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
             magnitude=magnitude, bias=source.lazy(keys["bias"]) if "bias" in keys else None,
             source_key=module, source_name=module)
@@ -114,6 +127,7 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
     else:
         adapter.has_components = bool(groups) and all(
             kohya_split_prefix(module)[0] in KOHYA_PREFIXES for module in groups)
+    settle_fan_in_fan_out(adapter)
     if adapter.other_modules:
         adapter.format = "lycoris"
     return adapter
@@ -178,7 +192,7 @@ def on_resize(metadata: dict[str, str], report: Any) -> dict[str, str]:
         # kohya keeps stale conv_dim/conv_alpha here; they describe training, not this file any more
         try:
             parsed = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):  # not lorahub's to fix: the stale args stay as they were
             parsed = None
         if isinstance(parsed, dict) and ("conv_dim" in parsed or "conv_alpha" in parsed):
             conv = [layer for layer in report.layers if layer.kernel not in ("", "1x1")]

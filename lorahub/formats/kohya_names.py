@@ -47,9 +47,12 @@ UNDERSCORE_IDENTIFIERS = sorted({
 }, key=len, reverse=True)
 
 
+_PREFIXES_LONGEST_FIRST = sorted(KOHYA_PREFIXES, key=len, reverse=True)
+
+
 def kohya_split_prefix(name: str) -> tuple[str, str]:
     """('lora_unet_', 'down_blocks_0_...') for a kohya module name; ('', name) if no known prefix."""
-    for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
+    for prefix in _PREFIXES_LONGEST_FIRST:
         if name.startswith(prefix):
             return prefix, name[len(prefix):]
     if name.startswith("lora_"):
@@ -95,10 +98,7 @@ def guess_dotted(flat: str) -> str:
 def kohya_to_target(name: str) -> str:
     prefix, rest = kohya_split_prefix(name)
     component = KOHYA_PREFIXES[prefix][0] + "." if prefix in KOHYA_PREFIXES else ""
-    dotted = guess_dotted(rest)
-    # diffusers' ff.net.0.proj and to_out.0 carry numbered ModuleLists after identifiers
-    dotted = re.sub(r"\bff\.net\.(\d)", r"ff.net.\1", dotted)
-    return component + dotted
+    return component + guess_dotted(rest)
 
 
 def target_to_kohya(target: str, components: set[str | None], has_components: bool = True) -> str:
@@ -120,3 +120,11 @@ def target_to_kohya(target: str, components: set[str | None], has_components: bo
             prefix = f"lora_{component}_"
         return prefix + rest.replace(".", "_")
     return "lora_" + target.replace(".", "_")
+
+
+def kohya_name_fits(name: str, target: str) -> bool:
+    """Whether a dotted target can be what a kohya module name flattens (`lora_unet_a_b` fits `unet.a.b`
+    and a bare `a.b`): what a file's `lorahub.layers` metadata says about a module must fit its keys."""
+    flat = target.replace(".", "_")
+    rest = kohya_split_prefix(name)[1]
+    return bool(rest) and (flat == rest or flat == name or flat.endswith("_" + rest))

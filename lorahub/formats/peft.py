@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from ..kinds import CONV1D_LEAVES
+from ..kinds import EMBEDDING, LINEAR, conv1d_by_name
+from ..lazy import save_file, torch
+from ..storage import check_regular, read_json_file
 from .common import (
     TensorSource,
+    check_lora_config,
     check_pair,
     component_of,
     layer_kind,
@@ -21,6 +21,7 @@ from .common import (
     pattern_value,
     peft_magnitude,
     read_peft_style_file,
+    settle_fan_in_fan_out,
 )
 from .spec import Format
 
@@ -43,6 +44,7 @@ SUFFIXES = {
 
 def detect(path: Path) -> bool:
     if path.is_dir():
+        check_regular(path / CONFIG)  # a FIFO or a device named adapter_config.json: refused, not skipped
         return (path / CONFIG).is_file()
     return path.is_file() and path.name in WEIGHTS and (path.parent / CONFIG).is_file()
 
@@ -57,17 +59,15 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         return _read_weights_only(path, source or TensorSource(path, allow_pickle=allow_pickle))
     directory = path if path.is_dir() else path.parent
     config_path = directory / CONFIG
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LorahubError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path=config_path) from None
+    config = read_json_file(config_path)
     if not isinstance(config, dict):
         raise LorahubError("adapter_config.json is not a JSON object", path=config_path)
+    check_lora_config(config, config_path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if path.is_file():
         weights = path
     else:
-        found = next((directory / name for name in WEIGHTS if (directory / name).is_file()), None)
+        found = next((directory / name for name in WEIGHTS if (directory / name).exists()), None)
         if found is None:
             raise LorahubError(f"PEFT directory has {CONFIG} but no {' or '.join(WEIGHTS)}", path=directory)
         weights = found
@@ -134,14 +134,16 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
                                f"(r / rank_pattern); PEFT would refuse to load it", path=weights,
                                key=keys[down_label])
         alpha = number("alpha_pattern", pattern_value(config.get("alpha_pattern"), module, default_alpha), float)
-        leaf = module.rsplit(".", 1)[-1]
+        kind = layer_kind(down.shape, embedding)
         adapter.layers[_qualify(component, module)] = LoraLayer(
-            target=_qualify(component, module), kind=layer_kind(down.shape, embedding),
+            target=_qualify(component, module), kind=kind,
             A=down, B=up, alpha=alpha, rank=rank, use_rslora=use_rslora,
-            fan_in_fan_out=(fan_in_fan_out or leaf in CONV1D_LEAVES) and not embedding,
+            # PEFT forces the flag for Conv1D layers and ignores it for others (settled below)
+            fan_in_fan_out=(fan_in_fan_out or conv1d_by_name(module, bool(component))) and kind == LINEAR.name,
             magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
             bias=source.lazy(keys["bias"]) if "bias" in keys else None,
             source_key=PREFIX + module)
+    settle_fan_in_fan_out(adapter)
     return adapter
 
 
@@ -191,7 +193,7 @@ def write(adapter: Adapter, out: Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for layer in layers:
         base = PREFIX + strip(layer.target)
-        if layer.kind == "embedding":
+        if layer.geometry is EMBEDDING:
             tensors[base + ".lora_embedding_A"] = layer.A.load().contiguous()
             tensors[base + ".lora_embedding_B"] = layer.B.load().contiguous()
         else:
@@ -201,7 +203,7 @@ def write(adapter: Adapter, out: Path) -> Path:
             tensors[base + ".lora_magnitude_vector"] = peft_magnitude(layer)
         if layer.bias is not None:
             tensors[base + ".lora_B.bias"] = layer.bias.load().contiguous()
-    embedding_modules = {strip(layer.target) for layer in layers if layer.kind == "embedding"}
+    embedding_modules = {strip(layer.target) for layer in layers if layer.geometry is EMBEDDING}
     for name, tensor in adapter.full_tensors.items():
         module = strip(name).rsplit(".", 1)[0]
         key = strip(name)

@@ -12,7 +12,6 @@ appear in messages.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import socket
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from ..errors import LorahubError
-from ..storage import MAX_HEADER_BYTES, SafetensorsHeader, parse_header_bytes
+from ..storage import MAX_HEADER_BYTES, SafetensorsHeader, parse_header_bytes, parse_json
 
 Token = str | bool | None  # huggingface_hub's convention: a token, True (the stored one) or False (none)
 
@@ -236,10 +235,7 @@ def read_range(repo_id: str, filename: str, revision: str | None = None, token: 
 
 def read_json(repo_id: str, filename: str, revision: str | None = None, token: Token = None) -> Any:
     raw, _ = read_range(repo_id, filename, revision, token)
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LorahubError(f"invalid JSON ({exc})", path=f"{repo_id}/{filename}") from None
+    return parse_json(raw, f"{repo_id}/{filename}")
 
 
 def read_header(repo_id: str, filename: str, revision: str | None = None, token: Token = None) -> SafetensorsHeader:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -110,7 +111,9 @@ def _pull(ref: str | HubRef, *, revision: str | None, include: str | None, out: 
                 raise LorahubError(f"HF_HUB_OFFLINE=1 and '{ref.repo_id}' (revision {rev}) is not fully in the "
                                    f"local cache (missing {', '.join(missing)}); run the pull once while online")
             # the branch/tag name (not the sha) so that the cache records the ref for offline use
-            snapshot = Path(hf.snapshot_download(ref.repo_id, revision=rev, allow_patterns=chosen, token=token))
+            # allow_patterns are fnmatch patterns: each file name is escaped to match itself only ('[v2]')
+            patterns = [glob_escape(f) for f in chosen]
+            snapshot = Path(hf.snapshot_download(ref.repo_id, revision=rev, allow_patterns=patterns, token=token))
             commit = snapshot.name
     local = adapter_local_path(snapshot, chosen)
     root = snapshot
@@ -128,6 +131,11 @@ def _pull(ref: str | HubRef, *, revision: str | None, include: str | None, out: 
                 shutil.copyfile(snapshot / f, dest)  # follows the cache's symlinks
         local = root if folder is not None else root / PurePosixPath(chosen[0]).name
     return PullResult(local, ref.repo_id, rev, commit, chosen, root, offline)
+
+
+def glob_escape(name: str) -> str:
+    """A file name as an fnmatch pattern that matches only that name (`[`, `]`, `*`, `?` bracketed)."""
+    return re.sub(r"([\[\]*?])", r"[\1]", name)
 
 
 def resolve_adapter_path(arg: str | os.PathLike, *, revision: str | None = None) -> Path:

@@ -76,9 +76,57 @@ def _label(group: list[str]) -> str:
     return group[0]
 
 
+def unsafe_name(name: str) -> str | None:
+    """Why a repo file name cannot become a local file name (None: it can): an absolute path, a `..`
+    or empty segment, a backslash, control characters. A Hub listing is not trusted."""
+    if not name:
+        return "an empty name"
+    if name.startswith("/") or PurePosixPath(name).is_absolute() or re.match(r"[A-Za-z]:", name):
+        return "an absolute path"
+    if "\\" in name:
+        return "a backslash"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "a '..', '.' or empty path segment"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        return "control characters"
+    return None
+
+
+def _refuse_unsafe(repo_id: str, names: list[str]) -> None:
+    for name in names:
+        why = unsafe_name(name)
+        if why:
+            raise LorahubError(f"Hub repository '{repo_id}' lists a file whose name has {why} "
+                               f"({name!r}); refusing to download it")
+
+
 def choose_adapter_files(files: list[str], *, repo_id: str, include: str | None = None, path: str | None = None,
                          prompt: Callable[[list[str]], int] | None = None) -> list[str]:
-    """The repo files to download for one adapter; fails (or prompts) when several are candidates."""
+    """The repo files to download for one adapter; fails (or prompts) when several are candidates.
+    File names that cannot be local file names (`unsafe_name`) are never candidates; asking for one,
+    or a repo whose only adapter has one, is refused."""
+    if path:
+        _refuse_unsafe(repo_id, [path.strip("/")])
+    safe = [f for f in files if not unsafe_name(f)]
+    try:
+        chosen = _choose(safe, repo_id=repo_id, include=include, path=path, prompt=prompt)
+    except LorahubError as exc:
+        unsafe = [f for f in files if unsafe_name(f)]
+        if not unsafe:
+            raise
+        try:  # would an unsafe name have been the adapter? then say so
+            group = _choose(files, repo_id=repo_id, include=include, path=path, prompt=None)
+        except LorahubError:
+            group = []
+        _refuse_unsafe(repo_id, group)
+        raise LorahubError(f"{exc} (ignored: {len(unsafe)} files whose names cannot be local file names, e.g. "
+                           f"{unsafe[0]!r})") from None
+    _refuse_unsafe(repo_id, chosen)
+    return chosen
+
+
+def _choose(files: list[str], *, repo_id: str, include: str | None, path: str | None,
+            prompt: Callable[[list[str]], int] | None) -> list[str]:
     files = [f for f in files if not f.startswith(".")]
     scope = files
     if path:

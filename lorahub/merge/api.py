@@ -19,7 +19,7 @@ from ..errors import LorahubError, UnsupportedError
 from ..output import InputSpec
 from ..output import prepare as prepare_output
 from ..output import write as write_output
-from ..storage import read_header
+from ..storage import read_header, read_json_file
 from .ops import FLOAT_DTYPES, Op
 from .pipeline import Pipeline, preload_factors
 from .plan import AdapterInput, BaseFile, BaseLayout, TensorJob, TensorPlan, file_jobs, load_layout, plan_merge
@@ -125,7 +125,7 @@ def _copy_others(layout: BaseLayout, out_dir: Path, record_json: dict[str, Any] 
 
 
 def _rewrite_index(src: Path, dest: Path, layout: BaseLayout, out_dir: Path) -> None:
-    index = json.loads(src.read_text())
+    index = read_json_file(src)
     total = 0
     for bf in layout.files.values():
         if bf.path.parent == src.parent:
@@ -227,7 +227,8 @@ def merge(base: str | Path, adapters: Sequence[AdapterInput], out: str | Path, *
     out_inputs = _check_out(layout, adapters, "base", out, overwrite)
     out_dtype = _normalize_dtype(dtype)
     dev = resolve_device(device)
-    plans = plan_merge(layout, adapters, check=check)
+    planned = [f"{item.name}: {line}" for item in adapters for line in item.adapter.warnings]
+    plans = plan_merge(layout, adapters, check=check, warnings=planned)
     record = read_record(layout.root)
     index = len(record["merges"])
     undo_name: str | None = f"{UNDO_PREFIX}{index}.safetensors"
@@ -242,7 +243,8 @@ def merge(base: str | Path, adapters: Sequence[AdapterInput], out: str | Path, *
                               out_dtype=out_dtype, device=dev, record=record,
                               save_originals=save_originals, undo_name=undo_name, drop_files=set(),
                               progress=progress)
-    warnings = [f"not copied: {rel} (weights in a format this merge does not rewrite)" for rel in layout.skipped]
+    warnings = planned + [f"not copied: {rel} (weights in a format this merge does not rewrite)"
+                          for rel in layout.skipped]
     return _result("merge", out, dev, entry["adapters"], len(plans), stats, seconds, record=record,
                    warnings=warnings)
 
@@ -315,7 +317,7 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
     # an adapter given without a weight takes the weight it was merged with
     recorded_weights = {a["sha256"]: float(a["weight"]) for e in entries for a in e.get("adapters", [])}
     inputs = []
-    warnings: list[str] = []
+    warnings = [f"{item.name}: {line}" for item in adapters for line in item.adapter.warnings]
     for item, digest in zip(adapters, hashes):
         if not item.weight_given and digest in recorded_weights:
             item = AdapterInput(item.adapter, recorded_weights[digest], item.label, True)
@@ -346,12 +348,23 @@ def unmerge(merged: str | Path, adapters: Sequence[AdapterInput], out: str | Pat
     if exact is False:
         use_originals = False
 
-    plans = _unmerge_plans(plan_merge(layout, inputs, check=check), inputs, use_originals, undo_path)
+    plans = _unmerge_plans(plan_merge(layout, inputs, check=check, warnings=warnings), inputs, use_originals,
+                           undo_path)
     if matched is not None:
         new_record = {"merges": record["merges"][:-1]}
         drop = {matched["undo_file"]} if matched.get("undo_file") else set()
     else:
+        # nothing says these deltas are in this model: subtract them as given, say so, and record it
+        unrecorded = [item.name for item, digest in zip(inputs, hashes) if digest not in recorded_weights]
+        if not entries:
+            warnings.insert(0, f"no lorahub merge record in {layout.root}: subtracting the adapter's delta as "
+                               "given; the result is exact only if it was merged with the same weights")
+        elif unrecorded:
+            warnings.insert(0, f"the lorahub merge record in {layout.root} does not list {', '.join(unrecorded)}: "
+                               "subtracting the adapter's delta as given; the result is exact only if it was "
+                               "merged with the same weights")
         entry = new_entry("unmerge", inputs, layout, out_dtype, dev, None, False)
+        entry["recorded_merge"] = False
         new_record = {"merges": record["merges"] + [entry]}
         drop = set()
     stats, seconds = _execute(layout, plans, out, out_inputs=out_inputs, overwrite=overwrite, operation="unmerge",

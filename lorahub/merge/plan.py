@@ -9,14 +9,15 @@ untouched byte ranges copied + touched tensors computed. `--dtype` rewrites ever
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from ..adapter import ST_DTYPES, ST_ITEMSIZE, Adapter
+from ..adapter import ST_DTYPES, ST_ITEMSIZE, Adapter, LoraLayer
 from ..base import BaseModel, load_base
 from ..errors import CheckFailed, LorahubError, UnsupportedError
-from ..names import match_layers
+from ..kinds import CONV1D, LINEAR
+from ..names import ModuleRef, base_conv1d, match_layers
 from ..storage import PICKLE_SUFFIXES, SafetensorsHeader, TensorInfo, build_header, read_header
 from ..validate import validate
 from .ops import FLOAT_DTYPES, Op
@@ -78,6 +79,12 @@ def load_layout(spec: str | Path) -> BaseLayout:
         raise LorahubError("merge needs the base's weights on local disk; download them first "
                            "(e.g. `hf download REPO --local-dir DIR`) and pass the directory", path=spec)
     if not model.complete:
+        for name in model.files:  # name the file and the first tensor whose bytes are missing
+            try:
+                read_header(Path(model.root) / name)
+            except LorahubError as exc:
+                raise LorahubError(f"{exc}; merging needs the whole file (a header-only skeleton or an "
+                                   "interrupted download?)") from None
         raise LorahubError("the base's weight files hold less data than their headers describe "
                            "(a header-only skeleton or an interrupted download)", path=spec)
     model_root = Path(model.root)
@@ -127,8 +134,19 @@ def validate_inputs(layout: BaseLayout, inputs: Sequence[AdapterInput]) -> None:
             raise CheckFailed(f"{item.name}: {report.summary}; nothing was written", report=report)
 
 
-def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: bool = True) -> list[TensorPlan]:
-    """Ops per touched base tensor, in command-line order per tensor (order matters only for DoRA)."""
+def oriented_by_base(layer: LoraLayer, base: BaseModel, ref: ModuleRef) -> LoraLayer:
+    """The layer as the base layer's type says it lies: a Conv1D base transposes ΔW, an ordinary layer
+    does not, whatever the adapter's fan_in_fan_out says (PEFT decides by the layer's type)."""
+    conv1d = base_conv1d(layer, base, ref)
+    if conv1d is None or conv1d == (layer.geometry is CONV1D):
+        return layer
+    return replace(layer, kind=LINEAR.name, fan_in_fan_out=conv1d)
+
+
+def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: bool = True,
+               warnings: list[str] | None = None) -> list[TensorPlan]:
+    """Ops per touched base tensor, in command-line order per tensor (order matters only for DoRA).
+    What the base decided against the adapter (orientation) is said once per adapter in `warnings`."""
     if check:
         validate_inputs(layout, inputs)
     plans: dict[str, TensorPlan] = {}
@@ -148,6 +166,9 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
 
     for index, item in enumerate(inputs):
         adapter = item.adapter
+        if not (adapter.layers or adapter.full_tensors):
+            raise LorahubError("no LoRA modules to merge", path=adapter.path)
+        adapter.require_finite_alphas("merge")
         match = match_layers(adapter, layout.model)
         missing = list(match.missing) + list(match.full_missing)
         if missing:
@@ -159,8 +180,12 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
             storage = ST_DTYPES[plan.file.header.tensors[plan.key].dtype]
             plan.ops.append(Op("replace", item.weight, tensor=tensor, adapter_index=index, storage_dtype=storage))
             plan.keep_original = True
-        for target, layer in adapter.layers.items():
+        flipped: dict[bool, list[str]] = {True: [], False: []}
+        for target, given in adapter.layers.items():
             ref = match.refs[target]
+            layer = oriented_by_base(given, layout.model, ref)
+            if layer is not given:
+                flipped[layer.fan_in_fan_out].append(target)
             plan = plan_for(ref.weight, item)
             if layer.is_dora:
                 if ref.rows is not None:
@@ -176,6 +201,13 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
                                        "bias", path=adapter.path)
                 bias = plan_for(ref.bias, item)
                 bias.ops.append(Op("bias", item.weight, layer=layer, adapter_index=index, rows=ref.rows))
+        if warnings is not None and flipped[False]:
+            warnings.append(f"{item.name}: fan_in_fan_out=true on {len(flipped[False])} layer(s) that are ordinary "
+                            f"(out, in) layers in the base (e.g. '{flipped[False][0]}'): ignored, as PEFT does")
+        if warnings is not None and flipped[True]:
+            warnings.append(f"{item.name}: {len(flipped[True])} layer(s) are Conv1D (in, out) in the base but the "
+                            f"adapter says fan_in_fan_out=false (e.g. '{flipped[True][0]}'): ΔW transposed, as "
+                            "PEFT does")
     return list(plans.values())
 
 

@@ -17,7 +17,7 @@ from .. import __version__
 from ..adapter import Adapter
 from ..errors import LorahubError
 from ..formats.peft import CONFIG as PEFT_CONFIG
-from ..storage import build_header, file_sha256, pwrite_all
+from ..storage import build_header, file_sha256, json_type, pwrite_all, read_json_file
 
 if TYPE_CHECKING:
     from .plan import AdapterInput, BaseLayout, FileJob, TensorPlan
@@ -67,16 +67,48 @@ def combined_hash(hashes: dict[str, str]) -> str:
 
 
 def read_record(root: Path) -> dict[str, Any]:
+    """The merge record beside a merged model (`{"merges": []}` when there is none), every field of
+    the JSON type lorahub writes; anything else is a one-line error naming the file and the field."""
     path = (root if root.is_dir() else root.parent) / RECORD_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return {"merges": []}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LorahubError(f"unreadable merge record ({exc})", path=path) from None
+    record = read_json_file(path, what="merge record")
     if not isinstance(record, dict) or not isinstance(record.get("merges"), list):
         raise LorahubError("merge record has no 'merges' list", path=path)
+    for index, entry in enumerate(record["merges"]):
+        problem = _entry_problem(entry)
+        if problem:
+            raise LorahubError(f"corrupt merge record: merges[{index}]{problem}", path=path)
     return record
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one entry of a merge record, or None."""
+    if not isinstance(entry, dict):
+        return f" is {json_type(entry)}, not an object"
+    for key, types, label in (("operation", (str,), "a string"), ("created", (str,), "a string"),
+                              ("undo_file", (str,), "a file name"), ("originals_saved", (bool,), "true or false"),
+                              ("adapters", (list,), "an array")):
+        value = entry.get(key)
+        if value is not None and not isinstance(value, types):
+            return f".{key} must be {label}, found {json_type(value)}"
+    if entry.get("operation") not in (None, "merge", "unmerge"):
+        return f".operation is '{entry['operation']}', not merge or unmerge"
+    undo = entry.get("undo_file")
+    if undo is not None and (not undo.startswith(UNDO_PREFIX) or "/" in undo or "\\" in undo):
+        return f".undo_file '{undo}' is not an undo file name ({UNDO_PREFIX}…, beside the model)"
+    for index, adapter in enumerate(entry.get("adapters") or ()):
+        if not isinstance(adapter, dict):
+            return f".adapters[{index}] is {json_type(adapter)}, not an object"
+        for key, label in (("name", "a string"), ("sha256", "a string"), ("weight", "a number")):
+            if key not in adapter:
+                return f".adapters[{index}] has no '{key}'"
+            value = adapter[key]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if key == "weight" else \
+                isinstance(value, str)
+            if not ok:
+                return f".adapters[{index}].{key} must be {label}, found {json_type(value)}"
+    return None
 
 
 def _adapter_record(item: AdapterInput) -> dict[str, Any]:
