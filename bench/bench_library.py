@@ -13,13 +13,9 @@ Timed, each in a fresh `python` process:
 Baselines measured in the same run:
   python start-up `python -c pass`
   find            `find ROOT -printf '%s %T@ %p'`: walking and stat-ing the same tree
-  import          `python -c "import lorahub.cli"`: what the CLI costs before any work (with torch, if the
-                  package still imports it)
+  import          `python -c "import lorahub.cli"`: what the CLI costs before any work
 The CLI is run through a wrapper that reports whether torch was imported in that process; the listing's
-own time (`seconds` in its JSON: walk, index, headers, sort) is reported beside the process's. While the
-package still imports torch when loaded (issue 11 §5), the same runs are repeated with `torch` replaced by
-an inert stub module: what the process costs once it no longer does (faithful: the listing calls no torch
-function, which tests/test_library.py checks; the output is checked identical).
+own time (`seconds` in its JSON: walk, index, headers, sort) is reported beside the process's.
 
     python bench/bench_library.py                       # 1,000 adapters, 3 cold and 5 warm runs
     python bench/bench_library.py --adapters 40 --small --cold-repeats 1 --repeats 1   # smoke test
@@ -49,41 +45,7 @@ WRAPPER = ("import sys, runpy\n"
            "try:\n"
            "    runpy.run_module('lorahub.cli', run_name='__main__', alter_sys=True)\n"
            "finally:\n"
-           "    sys.stderr.write('\\nBENCH torch=%d\\n' % bool(getattr(sys.modules.get('torch'), '__file__', None)))\n")
-# the same, with `torch` (and safetensors.torch) replaced by inert stub modules: what the process costs once
-# nothing imports torch at the top (issue 11 §5). Faithful because the listing calls no torch function
-# (tests/test_library.py::test_listing_runs_no_torch_code); the benchmark checks the output is identical.
-STUB = """
-import importlib.abc, importlib.machinery, sys, types
-
-class _Anything:
-    def __init__(self, name): self._name = name
-    def __getattr__(self, name):
-        if name.startswith('__') and name.endswith('__'): raise AttributeError(name)
-        return _Anything(self._name + '.' + name)
-    def __call__(self, *args, **kwargs): return _Anything(self._name + '()')
-    def __mro_entries__(self, bases): return (object,)
-    def __iter__(self): return iter(())
-    def __bool__(self): return False
-
-class _Stub(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith('__') and name.endswith('__'): raise AttributeError(name)
-        return _Anything(self.__name__ + '.' + name)
-
-class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name == 'torch' or name.startswith('torch.') or name == 'safetensors.torch':
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-    def create_module(self, spec):
-        module = _Stub(spec.name)
-        module.__path__ = []
-        return module
-    def exec_module(self, module):
-        pass
-
-sys.meta_path.insert(0, _Finder())
-"""
+           "    sys.stderr.write('\\nBENCH torch=%d\\n' % ('torch' in sys.modules))\n")
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -105,15 +67,10 @@ def timed(cmd: list[str], env: dict[str, str] | None = None, stdout=subprocess.D
     return elapsed, proc.stdout or "", proc.stderr
 
 
-def run_list(root: Path, home: Path, stub: bool = False) -> tuple[float, dict, bool]:
+def run_list(root: Path, home: Path) -> tuple[float, dict, bool]:
     """(wall seconds, the JSON payload, torch imported) of one `lorahub list ROOT --json` process."""
-    code = (STUB if stub else "") + WRAPPER
-    elapsed, out, err = timed([sys.executable, "-c", code, "list", str(root), "--json"], _env(home), stdout=None)
+    elapsed, out, err = timed([sys.executable, "-c", WRAPPER, "list", str(root), "--json"], _env(home), stdout=None)
     return elapsed, json.loads(out), "BENCH torch=1" in err
-
-
-def _rows(payload: dict) -> tuple:
-    return payload["adapters"], payload["problems"]
 
 
 def fmt(seconds: float) -> str:
@@ -185,39 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         os.utime(touched_file, None)
         touched, after, _ = run_list(root, home)
 
-        # the same processes with torch stubbed out (issue 11 §5 emulated)
-        stub_colds, stub_warms, same = [], [], True
-        for i in range(args.cold_repeats):
-            elapsed, stubbed, torch = run_list(root, work / f"home-stub-{i}", stub=True)
-            stub_colds.append(elapsed)
-            same &= _rows(stubbed) == _rows(after) and not torch
-        for _ in range(args.repeats):
-            elapsed, stubbed, torch = run_list(root, work / "home-stub-0", stub=True)
-            stub_warms.append(elapsed)
-            same &= _rows(stubbed) == _rows(after) and stubbed["index"]["read"] == 0 and not torch
-
         cold, warm_s = statistics.median(colds), statistics.median(warms)
-        stub_cold, stub_warm = statistics.median(stub_colds), statistics.median(stub_warms)
         print(f"cold  (empty index)  {fmt(cold)} per process (median of {len(colds)}: "
               f"{', '.join(fmt(x) for x in colds)}); the listing itself {fmt(statistics.median(cold_inside))}")
         print(f"warm  (index)        {fmt(warm_s)} per process (median of {len(warms)}: "
               f"{', '.join(fmt(x) for x in warms)}); the listing itself {fmt(statistics.median(warm_inside))}")
         print(f"touched one file     {fmt(touched)} per process; headers read: {after['index']['read']}")
-        print(f"torch imported by the listing process: {'YES (by the package, before the listing runs)' if torch_seen else 'no'}")
-        print(f"torch stubbed out    cold {fmt(stub_cold)} ({', '.join(fmt(x) for x in stub_colds)}), warm "
-              f"{fmt(stub_warm)} ({', '.join(fmt(x) for x in stub_warms)}); output identical: {'yes' if same else 'NO'}")
+        print(f"torch imported by the listing process: {'YES' if torch_seen else 'no'}")
         print(f"RATIO cold / find {cold / find:.1f}x, warm / find {warm_s / find:.1f}x, "
-              f"warm / python start-up {warm_s / start:.1f}x, cold / warm {cold / warm_s:.1f}x; without torch: "
-              f"warm / python start-up {stub_warm / start:.1f}x, cold / warm {stub_cold / stub_warm:.1f}x")
-
-        def verdict(value: float, target: float) -> str:
-            return "met" if value <= target else "NOT met"
-
-        print(f"TARGET cold <= {COLD_TARGET:.0f} s: {verdict(cold, COLD_TARGET)} ({fmt(cold)}), without torch "
-              f"{verdict(stub_cold, COLD_TARGET)} ({fmt(stub_cold)}); warm <= {WARM_TARGET} s: "
-              f"{verdict(warm_s, WARM_TARGET)} ({fmt(warm_s)}), without torch {verdict(stub_warm, WARM_TARGET)} "
-              f"({fmt(stub_warm)})")
-        ok = ok and same
+              f"warm / python start-up {warm_s / start:.1f}x, cold / warm {cold / warm_s:.1f}x")
+        print(f"TARGET cold <= {COLD_TARGET:.0f} s: {'met' if cold <= COLD_TARGET else 'NOT met'} ({fmt(cold)}); "
+              f"warm <= {WARM_TARGET} s: {'met' if warm_s <= WARM_TARGET else 'NOT met'} ({fmt(warm_s)})")
         with open("/proc/loadavg") if os.path.exists("/proc/loadavg") else open(os.devnull) as handle:
             print(f"load average after: {handle.read().strip() or '?'}")
         return 0 if ok else 1

@@ -158,7 +158,7 @@ def test_names_print_without_terminal_control_characters(home, tmp_path):
     peft_dir(lib / "evil\x1b[31mred", llama_modules(1, 64, 128, 32, ["q_proj"]), 4, 8, "org/x\x1b]0;title\x07")
     result = run_cli("list", lib)
     assert result.returncode == 0 and "\x1b" not in result.stdout and "\x07" not in result.stdout
-    assert "evil?[31mred" in result.stdout
+    assert "evilred" in result.stdout and "org/x" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,7 +71,10 @@ LIGHT = [
     pytest.param(["push", "--help"], 0, id="push-help"),
     # every other command's --help: the CLI imports every command module, and none may pull torch in
     *[pytest.param([name, "--help"], 0, id=f"{name}-help")
-      for name in ("convert", "merge", "unmerge", "resize", "blend", "interpolate", "demo")],
+      for name in ("convert", "merge", "unmerge", "resize", "blend", "interpolate", "demo", "list", "search", "rm")],
+    # the adapter library: listing reads headers only (issue 15)
+    pytest.param(["list", EXAMPLES], 0, id="list"),
+    pytest.param(["list", EXAMPLES, "--json", "--fits", BASE], 0, id="list-fits"),
     # errors leave through the same light path
     pytest.param(["validate", ADAPTER, "--base", "no-such-model-anywhere"], 1, id="validate-error"),
     pytest.param(["inspect", "--headers-only", "no/such/adapter"], 1, id="inspect-error"),

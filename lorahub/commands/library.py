@@ -6,21 +6,16 @@ one row per adapter; problems follow, one line each; `--json` has everything (do
 from __future__ import annotations
 
 import datetime as _dt
-import re
 from typing import Any, Sequence
 
 import click
 
 from ..formats import READ_FORMATS
 from ..options import json_option
-from ..ui import err_console, human_bytes, ok_payload, print_json
+from ..ui import clean, err_console, human_bytes, ok_payload, print_json
 
-# terminal control characters (C0, DEL, C1) in file names and Hub-provided text print as '?'
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-def _plain(value: Any) -> str:
-    return _CONTROL.sub("?", str(value))
+# file names, metadata and Hub-provided text: terminal escapes and control characters removed (ui.clean)
+_plain = clean
 
 
 def _cut(text: str, width: int) -> str:
