@@ -372,19 +372,9 @@ def test_listing_runs_no_torch_code(home, library, monkeypatch):
     assert not calls, sorted(set(calls))[:10]
 
 
-def _package_imports_torch() -> bool:
-    code = "import sys, lorahub.cli; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return out.stdout.strip() == "True"
-
-
 def test_list_imports_no_torch(tmp_path):
-    """`lorahub list` never imports torch. Until issue 11 §5 has made `import lorahub.cli` itself
-    torch-free (the package and the shared options import it at the top today), this can only hold for
-    the listing's own modules (test above): the process check is expected to fail until then."""
-    if _package_imports_torch():
-        pytest.xfail("`import lorahub.cli` imports torch (issue 11 §5 not merged yet)")
+    """`lorahub list` in a fresh process, as `python -m lorahub.cli` runs it: torch is never imported (it
+    is also among tests/test_start_fast.py's light commands)."""
     lib = tmp_path / "lib"
     make_library(lib, 40, small=True)
     code = ("import sys, runpy\nsys.argv = ['lorahub', 'list', sys.argv[1], '--json']\n"
