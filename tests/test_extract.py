@@ -30,6 +30,9 @@ from safetensors.torch import save_file
 
 from lorahub.errors import LorahubError, OptionError
 from lorahub.extract import RankRule, decompose, extract, plan_extract, randomized_svd
+from lorahub.extract import api as extract_api
+from lorahub.extract import batched as extract_batched
+from lorahub.extract.api import BATCH_ENV
 from lorahub.formats import load_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,8 +177,11 @@ def spectrum_pair(tmp_path_factory):
     return root / "base.safetensors", root / "tuned.safetensors", base, tuned
 
 
-@pytest.mark.parametrize("rank, power_iters", [(16, 2), (32, 2), (16, 1)])
-def test_decaying_spectrum_error_within_1_02_of_the_optimum(tmp_path, spectrum_pair, rank, power_iters):
+@pytest.mark.parametrize("rank, power_iters, batch", [(16, 2, "0"), (32, 2, "0"), (16, 1, "0"), (16, 2, "1"),
+                                                      (16, 1, "1")])
+def test_decaying_spectrum_error_within_1_02_of_the_optimum(tmp_path, spectrum_pair, rank, power_iters, batch,
+                                                           monkeypatch):
+    monkeypatch.setenv(BATCH_ENV, batch)  # "1": the GPU's grouped route, here on the CPU
     base_file, tuned_file, base, tuned = spectrum_pair
     result = extract(base_file, tuned_file, None, rank=rank, power_iters=power_iters, device="cpu")
     rows = {row.tensor: row for row in result.report.layers}
@@ -195,6 +201,60 @@ def test_decaying_spectrum_error_within_1_02_of_the_optimum(tmp_path, spectrum_p
         assert row.svd == "exact" and abs(row.error_ratio - 1.0) <= 1e-3, row
         delta = (tuned[row.tensor].double() - base[row.tensor].double())
         assert abs(row.optimal_rel_error - _optimum(delta.reshape(delta.shape[0], -1), rank)) <= 1e-5
+
+
+def _grouped_pair(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """base/tuned.safetensors in `root`: five same-shape linears (one unchanged) and three Conv1D layers,
+    decaying spectra, wide enough for the randomized route."""
+    gen = torch.Generator().manual_seed(3)
+    base, tuned = {}, {}
+    for i in range(5):
+        name = f"model.layers.{i}.self_attn.q_proj.weight"
+        base[name] = torch.randn(256, 320, generator=gen) * 0.02
+        delta = torch.zeros(256, 320) if i == 2 else _decaying(256, 320, gen).float() * 0.01
+        tuned[name] = base[name] + delta
+    for i in range(3):  # GPT-2 Conv1D: stored (in, out)
+        name = f"transformer.h.{i}.mlp.c_fc.weight"
+        base[name] = torch.randn(320, 640, generator=gen) * 0.02
+        tuned[name] = base[name] + _decaying(640, 320, gen).float().T * 0.01
+    save_file(base, str(root / "base.safetensors"))
+    save_file(tuned, str(root / "tuned.safetensors"))
+    return base, tuned
+
+
+def test_grouped_route_equals_the_one_layer_route(tmp_path, monkeypatch):
+    """Same-shape layers factored in groups (the GPU route) give what one layer at a time gives: the same
+    sketches (per-layer seeds), ranks and errors; an unchanged layer inside a group is listed, transposed
+    (Conv1D) layers are updated in place, full groups are factored as they fill."""
+    base, tuned = _grouped_pair(tmp_path)
+    sizes: list[int] = []
+    real = extract_api.factor_group
+
+    def counting(group, **kwargs):
+        sizes.append(len(group.pairs))
+        return real(group, **kwargs)
+
+    monkeypatch.setattr(extract_api, "factor_group", counting)
+    monkeypatch.setattr(extract_batched, "MAX_BATCH", 2)
+    results = {}
+    for batch in ("0", "1"):
+        monkeypatch.setenv(BATCH_ENV, batch)
+        results[batch] = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", None, rank=12,
+                                 device="cpu")
+    assert sorted(sizes) == [1, 1, 2, 2, 2]  # q_proj: 2 + 2 (one of them unchanged), c_fc: 2 + 1
+    one, grouped = results["0"].report, results["1"].report
+    assert grouped.unchanged == one.unchanged == ["model.layers.2.self_attn.q_proj.weight"]
+    assert [row.target for row in grouped.layers] == [row.target for row in one.layers] and len(one.layers) == 7
+    for a, b in zip(one.layers, grouped.layers):
+        assert (a.rank, a.svd, a.sketch) == (b.rank, b.svd, b.sketch) == (12, "randomized", 20)
+        assert abs(a.rel_error - b.rel_error) <= 1e-4 * a.rel_error, (a.target, a.rel_error, b.rel_error)
+    for target, layer in results["1"].adapter.layers.items():
+        name = target + ".weight"
+        delta = tuned[name].double() - base[name].double()
+        kernel = delta.T if "c_fc" in name else delta
+        error = _rel(_adapter_delta(layer), delta)
+        assert error <= 1.02 * _optimum(kernel, 12), name
+        assert abs(error - _rel(_adapter_delta(results["0"].adapter.layers[target]), delta)) <= 1e-4 * error
 
 
 def test_dynamic_rank_rules_match_the_exact_spectrum(spectrum_pair):

@@ -12,6 +12,7 @@ import torch
 from test_extract import (
     _adapter_delta,
     _decaying,
+    _grouped_pair,
     _optimum,
     _rank6_linears,
     _rel,
@@ -64,3 +65,22 @@ def test_cuda_unet_convs(tmp_path, tiny_unet_dir):
     gpu = extract(tiny_unet_dir, tmp_path / "tuned", None, rank=4, device="cuda")
     for target, layer in gpu.adapter.layers.items():
         assert _rel(_adapter_delta(layer), _adapter_delta(cpu.adapter.layers[target])) <= 1e-4, target
+
+
+def test_cuda_grouped_route_matches_cpu(tmp_path):
+    """The GPU factors same-shape layers in groups (batched CholeskyQR2, one host round trip per step):
+    the same targets, ranks and unchanged list as the CPU, errors equal within float32 rounding."""
+    base, tuned = _grouped_pair(tmp_path)
+    runs = {dev: extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", None, rank=12, device=dev)
+            for dev in ("cpu", "cuda")}
+    cpu, gpu = runs["cpu"], runs["cuda"]
+    assert gpu.report.unchanged == cpu.report.unchanged == ["model.layers.2.self_attn.q_proj.weight"]
+    assert [(r.target, r.rank, r.svd) for r in gpu.report.layers] == [(r.target, r.rank, r.svd)
+                                                                       for r in cpu.report.layers]
+    for a, b in zip(cpu.report.layers, gpu.report.layers):
+        assert abs(a.rel_error - b.rel_error) <= 1e-3 * a.rel_error, (a.target, a.rel_error, b.rel_error)
+    for target, layer in gpu.adapter.layers.items():
+        name = target + ".weight"
+        delta = tuned[name].double() - base[name].double()
+        kernel = delta.T if "c_fc" in name else delta
+        assert _rel(_adapter_delta(layer), delta) <= 1.02 * _optimum(kernel, 12), name

@@ -18,7 +18,6 @@ import math
 import os
 import queue
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
@@ -30,12 +29,17 @@ from ..devices import default_workers, exact_fp32_matmul, resolve_device, torch_
 from ..errors import LorahubError, OptionError
 from ..kinds import CONV, CONV1D, EMBEDDING
 from ..lowrank import SPLITS
+from . import svd as _svd
+from .batched import Factored, GroupKey, Groups, factor_group, layer_generator
 from .plan import ExtractPlan, Pair, plan_extract
 from .stream import PairStream
 from .svd import RankRule, decompose, residual_norm
 
 # hidden: seconds to sleep per tensor pair, so a test can interrupt an extraction in the middle
 THROTTLE_ENV = "LORAHUB_EXTRACT_THROTTLE_S"
+# hidden: "1" factors same-shape layers in groups (`batched.py`) on any device, "0" one at a time;
+# unset: groups on a GPU, one at a time (on worker threads) on the CPU
+BATCH_ENV = "LORAHUB_EXTRACT_BATCH"
 # below this relative error a layer is exact to float32 precision (ΔW itself is rounded float32): an
 # error ratio against an optimum that small compares rounding noise, and is not reported
 NOISE_FLOOR = 1e-5
@@ -299,7 +303,8 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
     timings = {"delta": 0.0, "svd": 0.0, "compare": 0.0}
     conv_rule = rule.with_cap(conv_rank) if conv_rank is not None else rule
     kwargs = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
-    workers = default_workers(dev) if dev.type == "cpu" else 1
+    batch = os.environ.get(BATCH_ENV, "1" if dev.type == "cuda" else "0") == "1"
+    workers = default_workers(dev) if dev.type == "cpu" and not batch else 1
     largest = max((pair.numel * 4 for pair in plan.lora_pairs), default=1)
     workers = max(1, min(workers, WORK_BUDGET // largest))  # one float32 ΔW buffer per worker
     free: queue.Queue = queue.Queue()  # work buffers: one per worker, one more being filled
@@ -317,6 +322,34 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
             free.put(work)
             timings["svd"] += time.perf_counter() - began
 
+    def group_key(pair: Pair) -> GroupKey | None:
+        """The group a layer is factored in (batched route), or None for the one-layer route."""
+        layer_rule = conv_rule if pair.spatial else rule
+        if exact or layer_rule.method != "fixed" or layer_rule.rank is None:
+            return None
+        assert pair.kind is not None
+        n = pair.out_features
+        k = pair.numel // n
+        full_rank = min(n, k)
+        width = min(layer_rule.rank + oversample, full_rank)
+        if full_rank <= _svd.EXACT_BELOW or 2 * width > full_rank:  # decompose() takes the exact SVD for these
+            return None
+        return GroupKey(n, k, pair.kind.transposed, min(layer_rule.rank, width), width,
+                        dtype or ST_DTYPES[pair.tuned.dtype])
+
+    def flush(group) -> None:
+        t0 = time.perf_counter()
+        done, unchanged, bad = factor_group(group, power_iters=power_iters, split=split, seed=seed)
+        if bad:
+            raise LorahubError("ΔW is not finite: the base or the tuned tensor holds NaN or Inf, or their "
+                               "difference overflows float32", path=bad[0].tuned.path, key=bad[0].name)
+        report.unchanged.extend(pair.name for pair in unchanged)
+        for item in done:
+            name, row, layer = _finish(item, exact=False, sketch=group.key.width)
+            rows[name], layers[name] = row, layer
+        timings["svd"] += time.perf_counter() - t0
+
+    groups = Groups(dev, flush) if batch else None
     began = time.perf_counter()
     pending: list[Future] = []
     threads = torch_threads(1) if workers > 1 else contextlib.nullcontext()
@@ -342,6 +375,14 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
                     else:
                         report.changed.append({"tensor": pair.name, "reason": pair.reason, "kept": False})
                     continue
+                key = group_key(pair) if groups is not None else None
+                if groups is not None and key is not None:
+                    t0 = time.perf_counter()
+                    stream.delta(pair, groups.slot(key, pair))
+                    timings["delta"] += time.perf_counter() - t0
+                    for group in groups.full():
+                        flush(group)
+                    continue
                 work = free.get()  # waits for a worker to finish with its buffer
                 t0 = time.perf_counter()
                 assert pair.kind is not None
@@ -361,6 +402,8 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
                     factor(pair, matrix, norm, work)
             for future in pending:
                 future.result()
+            if groups is not None:
+                groups.finish()
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -371,6 +414,8 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
                                 "wall": round(time.perf_counter() - began, 3)}
     order = [pair.target or pair.name for pair in plan.pairs if (pair.target or pair.name) in rows]
     report.layers = [rows[name] for name in order]
+    position = {pair.name: i for i, pair in enumerate(plan.pairs)}
+    report.unchanged.sort(key=lambda name: position.get(name, len(position)))
     return {name: layers[name] for name in order}, full
 
 
@@ -379,19 +424,25 @@ def _factor(pair: Pair, matrix: torch.Tensor, norm: float, *, rule: RankRule, dt
             seed: int) -> tuple[str, LayerExtract, LoraLayer]:
     """One layer: the factors of its ΔW (`matrix`, overwritten with the residual), their measured error."""
     assert pair.kind is not None
-    generator = torch.Generator(device=matrix.device)
-    generator.manual_seed((seed * 1_000_003 + zlib.crc32(pair.name.encode())) % (1 << 63))
     decomposition = decompose(matrix, rule, energy=norm * norm, exact=exact, power_iters=power_iters,
-                              oversample=oversample, generator=generator, split=split)
-    r = decomposition.rank
+                              oversample=oversample, generator=layer_generator(pair, seed, matrix.device),
+                              split=split)
     up, down = decomposition.up, decomposition.down
     out_dtype = dtype or ST_DTYPES[pair.tuned.dtype]
     up_cpu, down_cpu = up.to(out_dtype).cpu(), down.to(out_dtype).cpu()
     residual = residual_norm(matrix, up, down)
-    S = decomposition.S
-    rel = min(residual / norm, 1.0)
+    item = Factored(pair, up_cpu, down_cpu, norm, residual, decomposition.S)
+    return _finish(item, exact=decomposition.exact, sketch=decomposition.sketch)
+
+
+def _finish(item: Factored, *, exact: bool, sketch: int) -> tuple[str, LayerExtract, LoraLayer]:
+    """The report row and the adapter layer of one factored layer."""
+    pair, S, norm = item.pair, item.S, item.norm
+    assert pair.kind is not None
+    r = item.down.shape[0]
+    rel = min(item.residual / norm, 1.0)
     optimal = ratio = None
-    if decomposition.exact:
+    if exact:
         total = float((S * S).sum())
         optimal = math.sqrt(float((S[r:] * S[r:]).sum()) / total) if total > 0 else 0.0
         ratio = rel / optimal if optimal > NOISE_FLOOR else None
@@ -400,7 +451,7 @@ def _factor(pair: Pair, matrix: torch.Tensor, norm: float, *, rule: RankRule, dt
     energy = max(0.0, 1.0 - rel * rel)
     row = LayerExtract(
         target=name, tensor=pair.name, kind=pair.kind.name, kernel=pair.kernel, shape=list(pair.shape), rank=r,
-        alpha=float(r), svd="exact" if decomposition.exact else "randomized", sketch=decomposition.sketch,
+        alpha=float(r), svd="exact" if exact else "randomized", sketch=sketch,
         norm=norm, rel_error=rel, energy_retained=energy, fro_retained=math.sqrt(energy),
         max_dropped_ratio=dropped, optimal_rel_error=optimal, error_ratio=ratio)
-    return name, row, _layer(pair, up_cpu, down_cpu)
+    return name, row, _layer(pair, item.up, item.down)
