@@ -290,10 +290,12 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
             dtype: torch.dtype | None, split: str, exact: bool, power_iters: int, oversample: int, seed: int,
             advance: Callable[[int], None] | None, chunk_bytes: int | None) -> tuple[dict[str, LoraLayer],
                                                                                     dict[str, LazyTensor]]:
-    """Read every pair in order; factor the LoRA layers. On a GPU the calling thread does both (the device
-    works asynchronously); on the CPU the layers are factored by `workers` threads with one torch thread
-    each while the calling thread reads and assembles the next ΔW (small QRs and SVDs under OpenMP ran
-    10–100× slower on a shared machine, the problem `devices.map_layers` avoids the same way)."""
+    """Read every pair in order; factor the LoRA layers. On a GPU the calling thread does both: ΔW goes
+    into a slot of its shape's group and full groups are factored at once (`batched.py`; the device works
+    asynchronously, one host round trip per step for the group). On the CPU the layers are factored one
+    at a time by `workers` threads with one torch thread each while the calling thread reads and
+    assembles the next ΔW (small QRs and SVDs under OpenMP ran 10–100× slower on a shared machine, the
+    problem `devices.map_layers` avoids the same way)."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     layers: dict[str, LoraLayer] = {}
