@@ -4,7 +4,6 @@ weights without their config. Every file is built in its exact key layout; every
 from the peer that reads that layout (diffusers' converters, loaders and `fuse_lora`, PEFT's merge)."""
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 

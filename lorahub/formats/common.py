@@ -379,10 +379,10 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
             adapter.extra_keys.append(key)
             continue
         module, label = split
-        group = groups.setdefault(_module_name(module, key), {})
+        module = _module_name(module, key)
+        group = groups.setdefault(module, {})
         if label in group:  # `a.processor.to_q` and `a.to_q`: two tensors for one module
-            raise LorahubError(f"'{group[label]}' and '{key}' are the same tensor of module '{_module_name(module, key)}'",
-                               path=path)
+            raise LorahubError(f"'{group[label]}' and '{key}' are the same tensor of module '{module}'", path=path)
         group[label] = key
     for module, keys in groups.items():
         embedding = "embA" in keys or "embB" in keys
