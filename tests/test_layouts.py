@@ -4,6 +4,7 @@ weights without their config. Every file is built in its exact key layout; every
 from the peer that reads that layout (diffusers' converters, loaders and `fuse_lora`, PEFT's merge)."""
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -180,3 +181,263 @@ def test_text_encoders_after_to_diffusers_load_like_the_kohya_file(tmp_path, fam
                 down, up = kohya_tensors[f"{stem}.lora_down.weight"], kohya_tensors[f"{stem}.lora_up.weight"]
                 weight = base[f"{name}.weight"] + kohya_tensors[f"{stem}.alpha"] / down.shape[0] * up @ down
             torch.testing.assert_close(result[prefix][name], weight, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flux: a tiny diffusers transformer and the same weights in the original (BFL) layout
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(3)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(2, 2, 4)).eval()
+
+
+# original-layout Flux module -> the diffusers modules whose weights it stacks (rows), as diffusers'
+# own converters split them (`_convert_kohya_flux_lora_to_diffusers`, `_convert_xlabs_flux_lora_to_diffusers`)
+FLUX_ORIGINAL = {
+    "double_blocks.0.img_attn.qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                     "transformer_blocks.0.attn.to_v"],
+    "double_blocks.0.img_attn.proj": ["transformer_blocks.0.attn.to_out.0"],
+    "double_blocks.0.txt_attn.qkv": ["transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
+                                     "transformer_blocks.0.attn.add_v_proj"],
+    "double_blocks.0.txt_attn.proj": ["transformer_blocks.0.attn.to_add_out"],
+    "double_blocks.0.img_mlp.0": ["transformer_blocks.0.ff.net.0.proj"],
+    "double_blocks.0.img_mlp.2": ["transformer_blocks.0.ff.net.2"],
+    "double_blocks.0.txt_mlp.0": ["transformer_blocks.0.ff_context.net.0.proj"],
+    "double_blocks.0.txt_mlp.2": ["transformer_blocks.0.ff_context.net.2"],
+    "single_blocks.0.linear1": ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+                                "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"],
+    "single_blocks.0.linear2": ["single_transformer_blocks.0.proj_out"],
+}
+
+
+def _original_flux_file(model, path: Path, prefix: str = "") -> Path:
+    """The diffusers model's weights under original-layout names (fused rows stacked), as one file."""
+    state = model.state_dict()
+    tensors = {}
+    for original, parts in FLUX_ORIGINAL.items():
+        for param in ("weight", "bias"):
+            tensors[f"{prefix}{original}.{param}"] = torch.cat([state[f"{p}.{param}"] for p in parts]).contiguous()
+    save_file(tensors, str(path))
+    return path
+
+
+def _fused_flux(lora: Path) -> dict[str, torch.Tensor]:
+    """diffusers' own load of a Flux LoRA file (`FluxPipeline.lora_state_dict` → `load_lora_adapter`),
+    merged in fp32: the weights by diffusers module name."""
+    from diffusers import FluxPipeline
+
+    model = _tiny_flux()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, alphas = FluxPipeline.lora_state_dict(str(lora), return_alphas=True)
+        model.load_lora_adapter(state, prefix="transformer", network_alphas=alphas)
+    return _peft_merge_all(model)
+
+
+def _compare_original_merge(merged: dict[str, torch.Tensor], fused: dict[str, torch.Tensor], prefix: str = "",
+                            atol: float = 2e-6) -> int:
+    """Each fused diffusers weight equals its row block of the merged original-layout weight."""
+    checked = 0
+    for original, parts in FLUX_ORIGINAL.items():
+        if not all(p in fused for p in parts):
+            continue
+        torch.testing.assert_close(merged[f"{prefix}{original}.weight"], torch.cat([fused[p] for p in parts]),
+                                   rtol=0, atol=atol)
+        checked += 1
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI dotted keys: `diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight` + `.alpha`
+
+_DOUBLE = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.qkv",
+           "double_blocks.0.txt_attn.proj", "double_blocks.0.img_mlp.0", "double_blocks.0.img_mlp.2",
+           "double_blocks.0.txt_mlp.0", "double_blocks.0.txt_mlp.2"]
+
+
+def _comfy_flux_lora(path: Path, shapes: dict[str, tuple[int, int]], *, peft_keys: bool = False,
+                     text: dict[str, tuple[int, int]] | None = None, rank: int = 4) -> Path:
+    """A ComfyUI-layout Flux LoRA (as ComfyUI's LoraSave names it: `diffusion_model.<original path>`,
+    `text_encoders.clip_l.transformer.<path>`), alpha ≠ rank; `lora_A`/`lora_B` keys with `peft_keys`."""
+    torch.manual_seed(9)
+    down, up = (".lora_A.weight", ".lora_B.weight") if peft_keys else (".lora_down.weight", ".lora_up.weight")
+    tensors = {}
+    modules = {f"diffusion_model.{m}": s for m, s in shapes.items()}
+    modules.update({f"text_encoders.clip_l.transformer.{m}": s for m, s in (text or {}).items()})
+    for i, (module, (fan_out, fan_in)) in enumerate(modules.items()):
+        tensors[module + down] = torch.randn(rank, fan_in) * 0.1
+        tensors[module + up] = torch.randn(fan_out, rank) * 0.1
+        tensors[module + ".alpha"] = torch.tensor(2.0 + i % 3)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("peft_keys", [False, True], ids=["lora_down", "lora_A"])
+def test_comfyui_flux_lora_reads_dotted_names_and_merges_like_diffusers(tmp_path, peft_keys):
+    """ComfyUI dotted keys are read verbatim (not `diffusion.model.double.blocks…`); validate finds them
+    in an original-layout Flux file and in a ComfyUI checkpoint (`model.diffusion_model.…`); the merge
+    equals diffusers' own load (its kohya/ComfyUI Flux converter) and fp32 fuse."""
+    model = _tiny_flux()
+    shapes = {m: tuple(torch.cat([model.state_dict()[f"{p}.weight"] for p in FLUX_ORIGINAL[m]]).shape)
+              for m in _DOUBLE}
+    lora = _comfy_flux_lora(tmp_path / "comfy.safetensors", shapes, peft_keys=peft_keys)
+    adapter = load_adapter(lora)
+    assert set(adapter.layers) == {f"diffusion_model.{m}" for m in _DOUBLE}
+    assert adapter.format == ("diffusers" if peft_keys else "kohya")
+    info = json.loads(run_cli("inspect", lora, "--json", check=True).stdout)
+    assert info["modules"] == len(_DOUBLE)
+
+    bare = _original_flux_file(model, tmp_path / "flux1-tiny.safetensors")
+    checkpoint = _original_flux_file(model, tmp_path / "comfy-ckpt.safetensors", prefix="model.diffusion_model.")
+    for base in (bare, checkpoint):
+        report = json.loads(run_cli("validate", lora, "--base", base, "--json", check=True).stdout)
+        assert report["ok"] and report["matched"] == len(_DOUBLE), report
+
+    # diffusers reads the `lora_down` spelling (its ComfyUI branch); ComfyUI reads both spellings as one
+    # LoRA (comfy/weight_adapter), so the reference for `lora_A` keys is diffusers' load of the same tensors
+    reference = lora if not peft_keys else _comfy_flux_lora(tmp_path / "comfy-down.safetensors", shapes)
+    fused = _fused_flux(reference)
+    for base, prefix in ((bare, ""), (checkpoint, "model.diffusion_model.")):
+        out = tmp_path / f"merged-{base.stem}"
+        run_cli("merge", lora, "--base", base, "--out", out, "--dtype", "fp32", check=True)
+        merged = load_file_state(out / base.name)
+        assert _compare_original_merge(merged, fused, prefix) == len(_DOUBLE)
+
+
+# the modules of one double and one single block at Flux's real width (3072; diffusers' kohya Flux
+# converter splits single-block `linear1` at fixed 3072/12288 row blocks)
+_FLUX_REAL = {"double_blocks.0.img_attn.qkv": (9216, 3072), "double_blocks.0.img_attn.proj": (3072, 3072),
+              "double_blocks.0.txt_attn.qkv": (9216, 3072), "double_blocks.0.img_mlp.0": (12288, 3072),
+              "double_blocks.0.txt_mlp.2": (3072, 12288), "single_blocks.0.linear1": (21504, 3072),
+              "single_blocks.0.linear2": (3072, 15360)}
+_CLIP_L = {"text_model.encoder.layers.0.self_attn.q_proj": (768, 768), "text_model.encoder.layers.0.mlp.fc1": (3072, 768)}
+
+
+def test_comfyui_flux_to_kohya_writes_lora_unet_names_diffusers_reads_alike(tmp_path):
+    """`convert --to kohya` of a ComfyUI Flux file writes kohya's names (`lora_unet_double_blocks_0_img_attn_qkv`,
+    `lora_te_text_model_…`), not `lora_diffusion_model_…`; diffusers' Flux converter turns the written file
+    into exactly the layers it makes of the ComfyUI file."""
+    from diffusers import FluxPipeline
+
+    lora = _comfy_flux_lora(tmp_path / "comfy.safetensors", _FLUX_REAL, text=_CLIP_L, rank=2)
+    out = tmp_path / "kohya.safetensors"
+    run_cli("convert", lora, "--to", "kohya", "--out", out, check=True)
+    written = load_file_state(out)
+    modules = {key.rsplit(".", 2)[0] for key in written if key.endswith(".lora_down.weight")}
+    assert modules == {"lora_unet_" + m.replace(".", "_") for m in _FLUX_REAL} | {
+        "lora_te_" + m.replace(".", "_") for m in _CLIP_L}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected, _ = FluxPipeline.lora_state_dict(str(lora), return_alphas=True)
+        got, _ = FluxPipeline.lora_state_dict(str(out), return_alphas=True)
+    assert len(expected) == 2 * (3 + 1 + 3 + 1 + 1 + 4 + 1) + 2 * len(_CLIP_L)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+    # and back: the kohya file reads as the same ComfyUI targets (lorahub.layers metadata), same deltas
+    source, back = load_adapter(lora), load_adapter(out)
+    assert set(back.layers) == set(source.layers)
+    for target in ("diffusion_model.double_blocks.0.img_attn.proj", "text_encoders.clip_l.transformer."
+                   "text_model.encoder.layers.0.self_attn.q_proj"):
+        torch.testing.assert_close(back.layers[target].delta_math(), source.layers[target].delta_math())
+
+
+def _ldm_checkpoint(unet, clip, path: Path) -> Path:
+    """An SD 1.x single-file checkpoint (`model.diffusion_model.<LDM>`, `cond_stage_model.transformer.…`) of
+    a diffusers UNet and CLIP text model, checked with diffusers' own `convert_ldm_unet_checkpoint`."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from lorahub.names import diffusers_to_ldm_unet
+
+    config = dict(unet.config)
+    up_attn = {i for i, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind}
+    state = unet.state_dict()
+    checkpoint = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        ldm = diffusers_to_ldm_unet(module, config["layers_per_block"], up_attn)
+        checkpoint[f"model.diffusion_model.{ldm}.{param}"] = value.contiguous()
+    back = convert_ldm_unet_checkpoint(dict(checkpoint), config)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    for key, value in clip.state_dict().items():
+        checkpoint[f"cond_stage_model.transformer.text_model.{key.removeprefix('text_model.')}"] = value.contiguous()
+    save_file(checkpoint, str(path))
+    return path
+
+
+def test_comfyui_sd_lora_with_text_encoder_merges_into_sd_checkpoint(tmp_path, tiny_unet_dir, kohya_unet_file):
+    """A ComfyUI SD LoRA (`diffusion_model.input_blocks.1.1.proj_in`, `text_encoders.clip_l.transformer.
+    text_model.…`: LDM names, as ComfyUI saves them) validates against and merges into an SD single-file
+    checkpoint, equal to diffusers' fuse of the same LoRA in kohya's names; `--to kohya` gives a file that
+    diffusers loads (SGM `lora_unet_input_blocks_…` names) with the same fused UNet."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from fixtures_models import reference_fused_unet_state_dict
+
+    from lorahub.names import diffusers_to_ldm_unet
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_unet_dir), subfolder="unet").eval()
+    config = dict(unet.config)
+    up_attn = {i for i, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind}
+    clip = _clip(False, seed=len("text_encoder"))
+    checkpoint = _ldm_checkpoint(unet, clip, tmp_path / "sd-tiny.safetensors")
+
+    # the ComfyUI file: the kohya fixture's UNet modules under their LDM names, plus a CLIP text-encoder part
+    kohya = load_file_state(kohya_unet_file)
+    te = load_file_state(_kohya_text_encoder_lora(tmp_path / "te.safetensors", ["lora_te_"]))
+    adapter = load_adapter(kohya_unet_file)
+    comfy = {}
+    for target, layer in adapter.layers.items():
+        ldm = diffusers_to_ldm_unet(target.removeprefix("unet."), config["layers_per_block"], up_attn)
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            comfy[f"diffusion_model.{ldm}{suffix}"] = kohya[layer.source_name + suffix]
+    for key, value in te.items():
+        stem, _, suffix = key.partition(".")
+        path = stem.removeprefix("lora_te_text_model_")
+        layer_no, leaf = path.removeprefix("encoder_layers_").split("_", 1)
+        leaf = {"self_attn_q_proj": "self_attn.q_proj", "self_attn_k_proj": "self_attn.k_proj",
+                "self_attn_v_proj": "self_attn.v_proj", "self_attn_out_proj": "self_attn.out_proj",
+                "mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2"}[leaf]
+        comfy[f"text_encoders.clip_l.transformer.text_model.encoder.layers.{layer_no}.{leaf}.{suffix}"] = value
+    lora = tmp_path / "comfy-sd.safetensors"
+    save_file(comfy, str(lora))
+    assert len(load_adapter(lora).layers) == len(adapter.layers) + 2 * len(_CLIP_LEAVES)
+
+    report = json.loads(run_cli("validate", lora, "--base", checkpoint, "--json", check=True).stdout)
+    assert report["ok"] and report["matched"] == len(adapter.layers) + 2 * len(_CLIP_LEAVES), report
+    run_cli("merge", lora, "--base", checkpoint, "--out", tmp_path / "merged", "--dtype", "fp32", check=True)
+    merged = load_file_state(tmp_path / "merged" / checkpoint.name)
+    expected = reference_fused_unet_state_dict(tiny_unet_dir, kohya_unet_file)
+    unet_merged = convert_ldm_unet_checkpoint({k: v for k, v in merged.items() if k.startswith("model.")}, config)
+    for key, value in expected.items():
+        torch.testing.assert_close(unet_merged[key], value, rtol=0, atol=2e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = _fused_text_encoders(tmp_path / "te.safetensors", StableDiffusionLoraLoaderMixin,
+                                    [("text_encoder", False)])["text_encoder"]
+    for name, value in text.items():
+        if name != "encoder.layers.0.self_attn.v_proj":  # diffusers misreads its per-module alpha (see above)
+            torch.testing.assert_close(merged[f"cond_stage_model.transformer.text_model.{name}.weight"], value,
+                                       rtol=0, atol=2e-6)
+
+    # --to kohya: kohya's SGM names, which diffusers maps to its UNet with the same fused result
+    out = tmp_path / "kohya-sgm.safetensors"
+    run_cli("convert", lora, "--to", "kohya", "--out", out, check=True)
+    names = {k.rsplit(".", 2)[0] for k in load_file_state(out) if k.endswith(".lora_down.weight")}
+    assert "lora_unet_input_blocks_1_1_proj_in" in names and not any("diffusion_model" in n for n in names)
+    fresh = UNet2DConditionModel.from_pretrained(str(tiny_unet_dir), subfolder="unet").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # as `pipe.load_lora_weights` calls it: the UNet's config maps SGM block names
+        state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(out), unet_config=fresh.config)
+        fresh.load_lora_adapter(state, prefix="unet", network_alphas=alphas)
+    fused = _peft_merge_all(fresh)
+    assert len(fused) == len(adapter.layers)
+    for name, value in fused.items():
+        torch.testing.assert_close(value, expected[f"{name}.weight"], rtol=0, atol=2e-6)
