@@ -15,6 +15,8 @@ and ComfyUI do (`lora_unet_<path>`, `lora_te_…`).
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 from ..errors import LorahubError
 
 DENOISER = "diffusion_model."
@@ -64,7 +66,7 @@ def comfy_base_candidates(target: str) -> list[str]:
     return [f"{component}.{path}" for component in components]
 
 
-def comfy_kohya_name(target: str, targets: list[str] | set[str]) -> str | None:
+def comfy_kohya_name(target: str, targets: Iterable[str]) -> str | None:
     """The kohya module name of a ComfyUI-named (or bare original-layout denoiser) target, as kohya's
     scripts and ComfyUI name it: `lora_unet_double_blocks_0_img_attn_qkv`, `lora_te_text_model_…`
     (`lora_te1_` beside another text encoder), `lora_te2_…` (CLIP-G), `lora_te3_…` (T5-XXL). None for
