@@ -441,3 +441,90 @@ def test_comfyui_sd_lora_with_text_encoder_merges_into_sd_checkpoint(tmp_path, t
     assert len(fused) == len(adapter.layers)
     for name, value in fused.items():
         torch.testing.assert_close(value, expected[f"{name}.weight"], rtol=0, atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# XLabs Flux LoRAs: `double_blocks.0.processor.qkv_lora1.down.weight`
+
+
+def _xlabs_lora(path: Path, dim: int, mlp: int, rank: int = 4, prefix: str = "") -> Path:
+    """An XLabs (x-flux) Flux LoRA for one double and one single block, in x-flux's processor key layout
+    (`DoubleStreamBlockLoraProcessor`: qkv_lora1/proj_lora1 image, qkv_lora2/proj_lora2 text;
+    `SingleStreamBlockLoraProcessor`: qkv_lora dim→3·dim, proj_lora (dim+mlp)→dim)."""
+    torch.manual_seed(13)
+    shapes = {"double_blocks.0.processor.qkv_lora1": (3 * dim, dim), "double_blocks.0.processor.proj_lora1": (dim, dim),
+              "double_blocks.0.processor.qkv_lora2": (3 * dim, dim), "double_blocks.0.processor.proj_lora2": (dim, dim),
+              "single_blocks.0.processor.qkv_lora": (3 * dim, dim),
+              "single_blocks.0.processor.proj_lora": (dim, dim + mlp)}
+    tensors = {}
+    for module, (fan_out, fan_in) in shapes.items():
+        tensors[f"{prefix}{module}.down.weight"] = torch.randn(rank, fan_in) * 0.1
+        tensors[f"{prefix}{module}.up.weight"] = torch.randn(fan_out, rank) * 0.1
+    save_file(tensors, str(path))
+    return path
+
+
+XLABS_TARGETS = {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.qkv",
+                 "double_blocks.0.txt_attn.proj", "single_blocks.0.linear1", "single_blocks.0.linear2"}
+
+
+def test_xlabs_flux_lora_detected_and_merged_like_diffusers(tmp_path):
+    """An XLabs Flux LoRA is a format (not "unknown format"): its modules are the original-layout Flux
+    modules; validate finds them in an original-layout file and a ComfyUI checkpoint; the merge equals
+    diffusers' own load (`_convert_xlabs_flux_lora_to_diffusers`, scale 1) and fp32 fuse."""
+    model = _tiny_flux()
+    lora = _xlabs_lora(tmp_path / "xlabs.safetensors", dim=16, mlp=64)
+    adapter = load_adapter(lora)
+    assert adapter.format == "xlabs" and set(adapter.layers) == XLABS_TARGETS
+    assert all(layer.scale == 1 for layer in adapter.layers.values())
+    info = json.loads(run_cli("inspect", lora, "--json", check=True).stdout)
+    assert info["format"] == "xlabs" and info["modules"] == len(XLABS_TARGETS)
+
+    bare = _original_flux_file(model, tmp_path / "flux1-tiny.safetensors")
+    checkpoint = _original_flux_file(model, tmp_path / "comfy-ckpt.safetensors", prefix="model.diffusion_model.")
+    fused = _fused_flux(lora)
+    assert len(fused) == 3 + 1 + 3 + 1 + 3 + 1  # diffusers splits the fused q/k/v LoRAs
+    for base, prefix in ((bare, ""), (checkpoint, "model.diffusion_model.")):
+        report = json.loads(run_cli("validate", lora, "--base", base, "--json", check=True).stdout)
+        assert report["ok"] and report["matched"] == len(XLABS_TARGETS), report
+        out = tmp_path / f"merged-{base.stem}"
+        run_cli("merge", lora, "--base", base, "--out", out, "--dtype", "fp32", check=True)
+        merged = load_file_state(out / base.name)
+        assert _compare_original_merge(merged, fused, prefix) == len(XLABS_TARGETS) - 1  # linear1: below
+        # single block: diffusers adapts to_q/to_k/to_v (the first 3·dim rows of linear1); the MLP rows
+        # (proj_mlp) are unchanged
+        parts = FLUX_ORIGINAL["single_blocks.0.linear1"]
+        expected = torch.cat([fused[p] for p in parts[:3]] + [model.state_dict()[f"{parts[3]}.weight"]])
+        torch.testing.assert_close(merged[f"{prefix}single_blocks.0.linear1.weight"], expected, rtol=0, atol=2e-6)
+
+
+def test_xlabs_to_kohya_loads_in_diffusers_with_the_same_deltas(tmp_path):
+    """`convert --to kohya` of an XLabs file (real Flux width) writes kohya's Flux names; diffusers' kohya
+    converter gives every module the delta its XLabs converter gives (and zero for the MLP rows of linear1)."""
+    from diffusers import FluxPipeline
+
+    lora = _xlabs_lora(tmp_path / "xlabs.safetensors", dim=3072, mlp=12288, rank=2, prefix="diffusion_model.")
+    out = tmp_path / "kohya.safetensors"
+    run_cli("convert", lora, "--to", "kohya", "--out", out, check=True)
+    names = {k.rsplit(".", 2)[0] for k in load_file_state(out) if k.endswith(".lora_down.weight")}
+    assert names == {"lora_unet_" + t.replace(".", "_") for t in XLABS_TARGETS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xlabs, _ = FluxPipeline.lora_state_dict(str(lora), return_alphas=True)
+        kohya, _ = FluxPipeline.lora_state_dict(str(out), return_alphas=True)
+
+    probes: dict[int, torch.Tensor] = {}
+
+    def deltas(state):  # ΔW·X for a fixed random X (ΔW itself is up to 21504×3072 here)
+        out = {}
+        for key, down in state.items():
+            if key.endswith(".lora_A.weight"):
+                probe = probes.setdefault(down.shape[1], torch.randn(down.shape[1], 3, dtype=torch.float64))
+                out[key.removesuffix(".lora_A.weight")] = state[key.replace("lora_A", "lora_B")].double() @ (
+                    down.double() @ probe)
+        return out
+
+    expected, got = deltas(xlabs), deltas(kohya)
+    assert len(expected) == 12 and set(expected) <= set(got)
+    for module, delta in got.items():
+        torch.testing.assert_close(delta, expected.get(module, torch.zeros_like(delta)), rtol=1e-6, atol=1e-9)

@@ -24,7 +24,8 @@ from ..storage import (
 
 # substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights
 ADAPTER_KEY_MARKERS = (".lora_A", ".lora_B", "lora_down", "lora_up", "lora_embedding_", ".alpha",
-                       "lora_magnitude_vector", "hada_", "lokr_", "dora_scale")
+                       "lora_magnitude_vector", "hada_", "lokr_", "dora_scale",
+                       "_lora.down", "_lora.up", "_lora1.", "_lora2.")  # old diffusers processors, XLabs
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
 
 
