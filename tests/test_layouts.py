@@ -528,3 +528,62 @@ def test_xlabs_to_kohya_loads_in_diffusers_with_the_same_deltas(tmp_path):
     assert len(expected) == 12 and set(expected) <= set(got)
     for module, delta in got.items():
         torch.testing.assert_close(delta, expected.get(module, torch.zeros_like(delta)), rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT weights without adapter_config.json: the scale is unknown; --alpha gives it
+
+
+def _weights_only(tmp_path: Path, peft_lora_dir: Path) -> Path:
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "adapter_model.safetensors").write_bytes((peft_lora_dir / "adapter_model.safetensors").read_bytes())
+    return lone / "adapter_model.safetensors"
+
+
+def test_peft_weights_without_config_say_the_scale_is_unknown(tmp_path, peft_lora_dir, tiny_llama_dir):
+    """inspect and validate warn (one line; in --json too); merge, convert, resize and blend refuse with one
+    line naming --alpha, writing nothing."""
+    weights = _weights_only(tmp_path, peft_lora_dir)
+    info = json.loads(run_cli("inspect", weights, "--json", check=True).stdout)
+    assert any(w.startswith("scale unknown") and "--alpha" in w for w in info["warnings"]), info["warnings"]
+    report = json.loads(run_cli("validate", weights, "--base", tiny_llama_dir, "--json", check=True).stdout)
+    assert report["ok"] and any(w.startswith("scale unknown") for w in report["warnings"])
+    human = run_cli("validate", weights, "--base", tiny_llama_dir, check=True)
+    assert [line for line in human.stderr.splitlines() if "scale unknown" in line] == [human.stderr.strip()]
+
+    for args in (("merge", weights, "--base", tiny_llama_dir, "--out", tmp_path / "merged"),
+                 ("convert", weights, "--to", "kohya", "--out", tmp_path / "k.safetensors"),
+                 ("resize", weights, "--rank", "2", "--out", tmp_path / "small"),
+                 ("blend", weights, peft_lora_dir, "-w", "1,1", "--out", tmp_path / "blend")):
+        result = run_cli(*args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1, (args[0], result.stderr)
+        assert "pass --alpha" in lines[0] and "Traceback" not in result.stderr, lines[0]
+        assert not Path(args[-1]).exists()
+
+
+def test_peft_weights_with_alpha_merge_like_peft(tmp_path, peft_lora_dir, tiny_llama_dir):
+    """With `--alpha` (the lora_alpha of the lost config) the merge equals PEFT's own merge_and_unload of
+    the full adapter; `--alpha` on an adapter whose file gives its scale is refused."""
+    from fixtures_models import peft_merged_state_dict
+
+    weights = _weights_only(tmp_path, peft_lora_dir)
+    alpha = json.loads((peft_lora_dir / "adapter_config.json").read_text())["lora_alpha"]
+    assert alpha != 8  # r = 8: alpha = rank would be another merge
+    run_cli("merge", weights, "--base", tiny_llama_dir, "--out", tmp_path / "merged", "--alpha", alpha,
+            "--dtype", "fp32", check=True)
+    merged = load_file_state(tmp_path / "merged" / "model.safetensors")
+    expected = peft_merged_state_dict(tiny_llama_dir, peft_lora_dir)
+    changed = 0
+    for key, value in expected.items():
+        changed += not torch.equal(value, load_file_state(tiny_llama_dir / "model.safetensors")[key])
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=2e-6)
+    assert changed > 0
+    info = json.loads(run_cli("inspect", weights, "--alpha", alpha, "--json", check=True).stdout)
+    assert info["alpha"] == alpha and not any(w.startswith("scale unknown") for w in info["warnings"])
+    run_cli("convert", weights, "--alpha", alpha, "--to", "kohya", "--out", tmp_path / "k.safetensors", check=True)
+    kohya = load_file_state(tmp_path / "k.safetensors")
+    assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {alpha}
+    refused = run_cli("merge", peft_lora_dir, "--base", tiny_llama_dir, "--out", tmp_path / "m2", "--alpha", "4")
+    assert refused.returncode == 1 and "drop --alpha" in refused.stderr and not (tmp_path / "m2").exists()
