@@ -411,6 +411,10 @@ def test_comfyui_sd_lora_with_text_encoder_merges_into_sd_checkpoint(tmp_path, t
 
     report = json.loads(run_cli("validate", lora, "--base", checkpoint, "--json", check=True).stdout)
     assert report["ok"] and report["matched"] == len(adapter.layers) + 2 * len(_CLIP_LEAVES), report
+    # the diffusers folder (a UNet alone): every UNet module found through its LDM alias, the text-encoder
+    # modules reported missing
+    folder = json.loads(run_cli("validate", lora, "--base", tiny_unet_dir, "--json").stdout)
+    assert not folder["ok"] and folder["matched"] == len(adapter.layers), folder["headline"]
     run_cli("merge", lora, "--base", checkpoint, "--out", tmp_path / "merged", "--dtype", "fp32", check=True)
     merged = load_file_state(tmp_path / "merged" / checkpoint.name)
     expected = reference_fused_unet_state_dict(tiny_unet_dir, kohya_unet_file)
@@ -587,3 +591,28 @@ def test_peft_weights_with_alpha_merge_like_peft(tmp_path, peft_lora_dir, tiny_l
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {alpha}
     refused = run_cli("merge", peft_lora_dir, "--base", tiny_llama_dir, "--out", tmp_path / "m2", "--alpha", "4")
     assert refused.returncode == 1 and "drop --alpha" in refused.stderr and not (tmp_path / "m2").exists()
+
+
+@pytest.mark.parametrize("registry, modules", [
+    ("sd-1.5", {"diffusion_model.input_blocks.1.1.proj_in": (320, 320, 1, 1),
+                "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q": (1280, 1280),
+                "diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.2": (320, 1280),
+                "diffusion_model.input_blocks.1.0.in_layers.2": (320, 320, 3, 3),
+                "text_encoders.clip_l.transformer.text_model.encoder.layers.11.self_attn.q_proj": (768, 768)}),
+    ("sdxl", {"diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k": (640, 2048),
+              "diffusion_model.output_blocks.0.1.transformer_blocks.9.ff.net.0.proj": (10240, 1280),
+              "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1": (3072, 768),
+              "text_encoders.clip_g.transformer.text_model.encoder.layers.31.self_attn.out_proj": (1280, 1280)}),
+])
+def test_comfyui_sd_names_validate_against_the_registry(tmp_path, registry, modules):
+    """ComfyUI SD/SDXL names (LDM UNet paths, `text_encoders.clip_l`/`clip_g`) are found in the shipped
+    diffusers-layout manifests (`unet.…` LDM aliases, `text_encoder`, `text_encoder_2`), shapes checked."""
+    tensors = {}
+    for module, shape in modules.items():
+        out, fan_in, *kernel = shape
+        tensors[f"{module}.lora_down.weight"] = torch.zeros(4, fan_in, *kernel)
+        tensors[f"{module}.lora_up.weight"] = torch.zeros(out, 4, *([1] * len(kernel)))
+    lora = tmp_path / "comfy.safetensors"
+    save_file(tensors, str(lora))
+    report = json.loads(run_cli("validate", lora, "--base", registry, "--json", check=True).stdout)
+    assert report["ok"] and report["matched"] == len(modules), report
