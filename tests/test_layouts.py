@@ -77,6 +77,13 @@ def test_old_attention_processor_lora_targets_to_out_0(tmp_path):
     merged = load_file_state(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors")
     for name, weight in fused.items():
         torch.testing.assert_close(merged[f"{name}.weight"], weight, rtol=0, atol=2e-6)
+    # converted to kohya names (`…attn1_to_out_0`), diffusers' own kohya load fuses the same UNet
+    from fixtures_models import reference_fused_unet_state_dict
+
+    run_cli("convert", lora, "--to", "kohya", "--out", tmp_path / "kohya.safetensors", check=True)
+    via_kohya = reference_fused_unet_state_dict(base_dir, tmp_path / "kohya.safetensors")
+    for name, weight in fused.items():
+        torch.testing.assert_close(via_kohya[f"{name}.weight"], weight, rtol=0, atol=2e-6)
 
 
 def test_old_text_encoder_processor_names_map_to_clip_projections(tmp_path):
@@ -616,3 +623,20 @@ def test_comfyui_sd_names_validate_against_the_registry(tmp_path, registry, modu
     save_file(tensors, str(lora))
     report = json.loads(run_cli("validate", lora, "--base", registry, "--json", check=True).stdout)
     assert report["ok"] and report["matched"] == len(modules), report
+
+
+def test_xlabs_unknown_keys_are_refused_not_dropped(tmp_path):
+    """An XLabs file with a key x-flux does not write (an `.alpha`) is refused with one line naming it."""
+    lora = _xlabs_lora(tmp_path / "xlabs.safetensors", dim=16, mlp=64)
+    tensors = load_file_state(lora)
+    tensors["double_blocks.0.processor.qkv_lora1.alpha"] = torch.tensor(8.0)
+    save_file(tensors, str(tmp_path / "odd.safetensors"))
+    result = run_cli("inspect", tmp_path / "odd.safetensors")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "qkv_lora1.alpha" in lines[0], result.stderr
+
+
+def test_alpha_must_be_a_finite_number(tmp_path, peft_lora_dir):
+    weights = _weights_only(tmp_path, peft_lora_dir)
+    result = run_cli("inspect", weights, "--alpha", "nan")
+    assert result.returncode == 2 and "finite" in result.stderr
