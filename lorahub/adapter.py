@@ -275,6 +275,9 @@ class Adapter:
     # what the reader ignored or corrected, one line each (e.g. fan_in_fan_out on Linear layers): every
     # command that reads the adapter reports them
     warnings: list[str] = field(default_factory=list)
+    # why the file does not give the adapter's scale (a PEFT weights file without adapter_config.json), or
+    # None: operations that need the scale refuse until `assume_alpha` gives it (CLI: --alpha)
+    scale_unknown: str | None = None
 
     @property
     def ranks(self) -> list[int]:
@@ -321,9 +324,25 @@ class Adapter:
                 for tensor in (layer.A, layer.B, layer.magnitude, layer.bias)
                 if tensor is not None and tensor.dtype not in FACTOR_DTYPES]
 
+    def assume_alpha(self, alpha: float) -> None:
+        """Give an adapter whose file does not say its scale (`scale_unknown`) its `lora_alpha`: every layer
+        gets alpha (scale alpha / rank, no rsLoRA), and the warning says where the scale came from."""
+        if self.scale_unknown is None:
+            raise LorahubError("--alpha is for adapters whose file does not give their scale; this one gives it: "
+                               "drop --alpha", path=self.path)
+        for layer in self.layers.values():
+            layer.alpha, layer.use_rslora = float(alpha), False
+        self.warnings = [line for line in self.warnings if not line.startswith("scale unknown")]
+        self.warnings.append(f"scale from --alpha {alpha:g}: {self.scale_unknown}")
+        self.scale_unknown = None
+
     def require_lora(self, operation: str) -> None:
         """Refuse operations that need math lorahub does not have (LyCORIS, exotic PEFT variants),
-        adapters whose scale is not a number (NaN/Inf alpha), factors that are not floating point."""
+        adapters whose scale is not a number (NaN/Inf alpha) or not known, factors that are not floating
+        point."""
+        if self.scale_unknown is not None:
+            raise LorahubError(f"{operation} needs the adapter's scale, which its file does not give "
+                               f"({self.scale_unknown}): pass --alpha LORA_ALPHA", path=self.path)
         self.require_finite_alphas(operation)
         odd = self.odd_factor_dtypes()
         if odd:

@@ -159,12 +159,15 @@ def scan_nonfinite(adapter: Adapter) -> list[dict[str, Any]]:
 
 
 def inspect_adapter(path: Path | str, *, format: str | None = None, allow_pickle: bool = False,
-                    read_data: bool = True, spectrum: bool = False) -> dict[str, Any]:
-    """Summary of an adapter. `read_data=False` reads headers only (no hashes, no NaN scan)."""
+                    read_data: bool = True, spectrum: bool = False, alpha: float | None = None) -> dict[str, Any]:
+    """Summary of an adapter. `read_data=False` reads headers only (no hashes, no NaN scan); `alpha` gives
+    the scale of an adapter whose file does not (`Adapter.assume_alpha`)."""
     # one object per tensor and per layer, no cycles: with 300,000 tensors the cyclic collector's
     # passes over them cost more than building them
     with gc_paused():
         adapter = load_adapter(path, format, allow_pickle=allow_pickle)
+        if alpha is not None:
+            adapter.assume_alpha(alpha)
         return describe(adapter, read_data=read_data, spectrum=spectrum)
 
 

@@ -51,6 +51,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
+from .formats.comfy_names import comfy_base_candidates
 from .formats.kohya_names import is_kohya_name, kohya_candidates
 from .kinds import CONV1D, CONV1D_LEAVES, CONV1D_MODEL_TYPES, LINEAR, kind_of
 
@@ -200,7 +201,7 @@ def match_layers(adapter: "Adapter", base: "BaseModel") -> NameMatch:
             result.full_tensors[name] = found
 
     for target in getattr(adapter, "other_modules", {}) or {}:
-        ref = index.modules.get(target) or _first(index.flat.get(_flatten_with_component(target), []), index)
+        ref = index.modules.get(target) or _first(index.flat.get(target.replace(".", "_"), []), index)
         if ref is None and rule is not None:
             module = _apply_rule(rule, target)
             ref = index.modules.get(module) if module else None
@@ -225,14 +226,15 @@ def _resolve_layer(layer: "LoraLayer", index: BaseIndex) -> tuple[ModuleRef | No
         ref, candidates = _resolve_kohya(raw, layer, index)
         if ref is not None:
             return ref, candidates
-    ref = index.modules.get(layer.target)
-    if ref is not None:
-        return ref, []
+    # the target itself, or the names a ComfyUI target (`diffusion_model.…`) has in other bases
+    for name in (layer.target, *comfy_base_candidates(layer.target)):
+        if (ref := index.modules.get(name)) is not None:
+            return ref, []
     if is_kohya_name(layer.target):
         return _resolve_kohya(layer.target, layer, index)
     # a guessed dotted name (kohya reader) is only as good as its flattened form
     if raw:
-        candidates = index.flat.get(_flatten_with_component(layer.target), [])
+        candidates = index.flat.get(layer.target.replace(".", "_"), [])
         if candidates:
             return _pick(candidates, layer, index), candidates
     return None, []
@@ -246,10 +248,6 @@ def _resolve_kohya(raw: str, layer: "LoraLayer", index: BaseIndex) -> tuple[Modu
         if candidates:
             return _pick(candidates, layer, index, prefer=layer.target), candidates
     return None, []
-
-
-def _flatten_with_component(target: str) -> str:
-    return target.replace(".", "_")
 
 
 def _pick(candidates: list[str], layer: "LoraLayer", index: BaseIndex, prefer: str | None = None) -> ModuleRef:

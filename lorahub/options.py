@@ -10,6 +10,7 @@ help text. A value outside an option's set is a usage error (exit 2).
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
@@ -31,7 +32,8 @@ Decorator = Callable[[F], F]
 __all__ = [
     "ADAPTER_OUT_HELP", "DEVICES", "DTYPES", "INPUT_FORMAT_CHOICES", "OUTPUT_FORMAT_CHOICES", "OVERWRITE_HELP",
     "RANK_METHODS", "SPLITS", "DeviceType", "DtypeType", "adapter_input_options", "all_layers_option",
-    "allow_pickle_option", "device_option", "dtype_option", "input_format_option", "json_option", "open_adapter",
+    "allow_pickle_option", "alpha_option", "device_option", "dtype_option", "given_alpha", "input_format_option",
+    "json_option", "open_adapter",
     "out_option", "output_format_option", "overwrite_option", "rank_method_option", "rank_option",
     "rank_param_option", "resolve_path", "split_option", "torch_dtype_name",
 ]
@@ -55,9 +57,33 @@ def allow_pickle_option() -> Decorator:
                         help="Load .bin/.pt adapter pickles (with torch.load(weights_only=True)).")
 
 
+ALPHA_META = "lorahub.alpha"
+
+
+def _remember_alpha(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    ctx.meta[ALPHA_META] = value
+
+
+def alpha_option() -> Decorator:
+    """`--alpha`: the lora_alpha of adapters whose file does not give their scale (PEFT weights without
+    adapter_config.json). Kept in the context (no command parameter): `open_adapter` applies it."""
+    return click.option("--alpha", type=float, default=None, expose_value=False, callback=_remember_alpha,
+                        metavar="LORA_ALPHA",
+                        help="lora_alpha of an adapter whose file does not give its scale (PEFT weights "
+                             "without adapter_config.json); refused for adapters whose file gives it.")
+
+
+def given_alpha(ctx: click.Context | None = None) -> float | None:
+    """The --alpha of the running command, if any."""
+    ctx = ctx or click.get_current_context(silent=True)
+    return ctx.meta.get(ALPHA_META) if ctx is not None else None
+
+
 def adapter_input_options(func: F) -> F:
-    """`--format` and `--allow-pickle`, for commands that read adapters."""
-    return input_format_option()(allow_pickle_option()(func))
+    """`--format`, `--allow-pickle` and `--alpha`, for commands that read adapters."""
+    return input_format_option()(allow_pickle_option()(alpha_option()(func)))
 
 
 def resolve_path(arg: str) -> Path:
@@ -73,8 +99,12 @@ def open_adapter(arg: str, input_format: str | None = "auto", allow_pickle: bool
     """The adapter an argument names (a local path or `hf://…`), read as `--format` says."""
     from .formats import load_adapter
 
-    return load_adapter(resolve_path(arg), None if input_format in (None, "auto") else input_format,
-                        allow_pickle=allow_pickle)
+    adapter = load_adapter(resolve_path(arg), None if input_format in (None, "auto") else input_format,
+                           allow_pickle=allow_pickle)
+    alpha = given_alpha()
+    if alpha is not None:
+        adapter.assume_alpha(alpha)
+    return adapter
 
 
 # ---- outputs -----------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
     """Check every module of `adapter` against the shapes of `base` (headers only)."""
     match = match_layers(adapter, base)
     problems: list[Problem] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(adapter.warnings)  # what the reader said (e.g. an unknown scale)
     matched = 0
     if not (adapter.layers or adapter.full_tensors or adapter.other_modules):
         problems.append(Problem(adapter.name, "at least one LoRA module", "no modules",

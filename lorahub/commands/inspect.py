@@ -7,7 +7,7 @@ import click
 from rich.table import Table
 
 from ..inspect import inspect_adapter, nonfinite_error
-from ..options import adapter_input_options, all_layers_option, json_option, resolve_path
+from ..options import adapter_input_options, all_layers_option, given_alpha, json_option, resolve_path
 from ..ui import console, error_line, error_payload, human_bytes, ok_payload, plain, print_json, table
 
 
@@ -34,7 +34,8 @@ def inspect_command(ctx, path, input_format, allow_pickle, all_layers, spectrum,
       lorahub inspect hf://alice/llama-lora@v1 --json
     """
     info = inspect_adapter(resolve_path(path), format=None if input_format == "auto" else input_format,
-                           allow_pickle=allow_pickle, read_data=not headers_only, spectrum=spectrum)
+                           allow_pickle=allow_pickle, read_data=not headers_only, spectrum=spectrum,
+                           alpha=given_alpha(ctx))
     problem = nonfinite_error(info)
     if as_json:
         print_json(inspect_payload(info, problem))

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..output import InputSpec, OutputPlan
 
 # the format modules, in the order the CLI lists their formats: adding a format adds its name here
-_MODULES = ("peft", "kohya", "diffusers")
+_MODULES = ("peft", "kohya", "diffusers", "xlabs")
 
 _REGISTRY: dict[str, Format] = {fmt.name: fmt for module in _MODULES
                                 for fmt in importlib.import_module(f"{__name__}.{module}").FORMATS}

@@ -24,7 +24,8 @@ from ..storage import (
 
 # substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights
 ADAPTER_KEY_MARKERS = (".lora_A", ".lora_B", "lora_down", "lora_up", "lora_embedding_", ".alpha",
-                       "lora_magnitude_vector", "hada_", "lokr_", "dora_scale")
+                       "lora_magnitude_vector", "hada_", "lokr_", "dora_scale",
+                       "_lora.down", "_lora.up", "_lora1.", "_lora2.")  # old diffusers processors, XLabs
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
 
 
@@ -275,13 +276,14 @@ def pattern_value(patterns: dict | None, name: str, default: Any) -> Any:
     return default
 
 
-def _pattern_key(name: str) -> str:
-    return "^" + re.escape(name) + "$"
+def _pattern_key(name: str, anchor: bool = True) -> str:
+    return ("^" if anchor else "") + re.escape(name) + "$"
 
 
-def lora_config_fields(layers: list[LoraLayer], strip=lambda name: name) -> dict:
+def lora_config_fields(layers: list[LoraLayer], strip=lambda name: name, *, anchor: bool = True) -> dict:
     """The LoraConfig fields that give every layer its exact rank and scale: one `r`/`lora_alpha` (the
-    most common rank and its alpha) plus `^name$` rank/alpha patterns where a layer differs."""
+    most common rank and its alpha) plus `^name$` rank/alpha patterns where a layer differs (`name$`
+    with `anchor=False`: PEFT's `(.*\\.)?(pattern)$` then also finds the name under a wrapper module)."""
     use_rslora = {layer.use_rslora for layer in layers} == {True}
     r = Counter(layer.rank for layer in layers).most_common(1)[0][0]
 
@@ -297,9 +299,9 @@ def lora_config_fields(layers: list[LoraLayer], strip=lambda name: name) -> dict
     for layer in layers:
         name = strip(layer.target)
         if layer.rank != r:
-            rank_pattern[_pattern_key(name)] = layer.rank
+            rank_pattern[_pattern_key(name, anchor)] = layer.rank
         if alpha_of(layer) != lora_alpha:
-            alpha_pattern[_pattern_key(name)] = _number(alpha_of(layer))
+            alpha_pattern[_pattern_key(name, anchor)] = _number(alpha_of(layer))
     return {
         "peft_type": "LORA",
         "r": r,
@@ -344,9 +346,23 @@ def _split_peft_style(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _module_name(module: str) -> str:
-    # old attention-processor names: unet.….attn1.processor.to_q -> unet.….attn1.to_q
-    return module.replace(".processor.", ".")
+# old diffusers attention-processor LoRAs (`…attn1.processor.to_out_lora.up.weight`, text encoders'
+# `…self_attn.to_q_lora.up.weight`): the module each `<name>_lora` adapts, as diffusers' own
+# `UNET_TO_DIFFUSERS` / `DIFFUSERS_OLD_TO_PEFT` tables map it
+_OLD_PROCESSOR_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _module_name(module: str, key: str = "") -> str:
+    """The module a PEFT-style key adapts: old processor names `unet.….attn1.processor.to_q` ->
+    `unet.….attn1.to_q`, `….processor.to_out` -> `….to_out.0` (the Linear inside diffusers' `to_out`
+    ModuleList), a text encoder's `self_attn.to_q` -> `self_attn.q_proj`."""
+    module = module.replace(".processor.", ".")
+    if not key.endswith(("_lora.down.weight", "_lora.up.weight")):
+        return module
+    head, _, leaf = module.rpartition(".")
+    if head.endswith(".self_attn") and leaf in _OLD_PROCESSOR_TEXT:
+        return f"{head}.{_OLD_PROCESSOR_TEXT[leaf]}"
+    return module + ".0" if leaf == "to_out" else module
 
 
 def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
@@ -364,10 +380,10 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
             adapter.extra_keys.append(key)
             continue
         module, label = split
-        group = groups.setdefault(_module_name(module), {})
+        module = _module_name(module, key)
+        group = groups.setdefault(module, {})
         if label in group:  # `a.processor.to_q` and `a.to_q`: two tensors for one module
-            raise LorahubError(f"'{group[label]}' and '{key}' are the same tensor of module '{_module_name(module)}'",
-                               path=path)
+            raise LorahubError(f"'{group[label]}' and '{key}' are the same tensor of module '{module}'", path=path)
         group[label] = key
     for module, keys in groups.items():
         embedding = "embA" in keys or "embB" in keys

@@ -77,7 +77,10 @@ def write(adapter: Adapter, out: Path) -> Path:
         for component, items in by_component.items():
             # pattern names are relative to the component (an inferred component is not in the target)
             inner = (lambda target, c=component: target[len(c) + 1:] if target.startswith(c + ".") else target)
-            fields = lora_config_fields([layer for _, layer in items], inner)
+            text = str(component).startswith("text_encoder")
+            if text:  # CLIP: module names without `text_model.` (see _text_encoder_name)
+                inner = (lambda target, f=inner: _text_encoder_name(f(target)))
+            fields = lora_config_fields([layer for _, layer in items], inner, anchor=not text)
             configs.update({f"{component}.{key}": value for key, value in fields.items()})
     for base, layer in keyed.items():
         if layer.geometry is EMBEDDING:
@@ -105,6 +108,15 @@ def write(adapter: Adapter, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
     return out
+
+
+def _text_encoder_name(name: str) -> str:
+    """A text encoder's module name in the LoraConfig diffusers hands to PEFT: without CLIP's `text_model.`
+    wrapper, which transformers >= 5 dropped from `CLIPTextModel` (`encoder.layers.0.self_attn.q_proj`) but
+    kept in `CLIPTextModelWithProjection`. Target names and rank/alpha patterns (unanchored, `name$`) are
+    matched by PEFT as a '.'-suffix, so these find the module in both; the tensor keys keep `text_model.`
+    (diffusers drops it from the keys itself where the model has no `text_model`)."""
+    return name[len("text_model."):] if name.startswith("text_model.") else name
 
 
 FORMATS = (Format(

@@ -12,6 +12,7 @@ from typing import Any
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
 from ..lazy import save_file, torch
+from .comfy_names import comfy_kohya_name
 from .common import (
     COMPONENTS_METADATA,
     LAYERS_METADATA,
@@ -68,6 +69,11 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
     def target_of(module: str) -> str:
         """The module's target: lorahub's metadata where it fits the key names, else guessed from them."""
         declared = known.get(module, {}).get("target")
+        if "." in module:  # a dotted module path (ComfyUI's `diffusion_model.…`): the target, verbatim
+            if declared not in (None, module):
+                raise LorahubError(f"{LAYERS_METADATA} maps module '{module}' to target {declared!r}: the metadata "
+                                   "contradicts the keys", path=path)
+            return module
         if declared is None:
             return kohya_to_target(module)
         if not isinstance(declared, str) or not kohya_name_fits(module, declared):
@@ -121,7 +127,7 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
             target=target, kind=checked_kind(path, module, entry, down, up), A=down, B=up, alpha=alpha,
             rank=rank, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
             magnitude=magnitude, bias=source.lazy(keys["bias"]) if "bias" in keys else None,
-            source_key=module, source_name=module)
+            source_key=module, source_name=None if "." in module else module)
     if COMPONENTS_METADATA in metadata:
         adapter.has_components = metadata[COMPONENTS_METADATA] == "1"
     else:
@@ -142,6 +148,7 @@ def write(adapter: Adapter, out: Path) -> Path:
     dtype = torch.float32
     for layer in adapter.layers.values():
         name = layer.source_name if (layer.source_name and adapter.format == NAME) else \
+            comfy_kohya_name(layer.target, adapter.layers.keys()) or \
             target_to_kohya(layer.target, components, adapter.has_components)
         if name in names:
             raise LorahubError(f"two modules map to the same kohya name '{name}'", path=adapter.path)

@@ -148,8 +148,15 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
 
 
 def _read_weights_only(path: Path, source: TensorSource) -> Adapter:
-    """A PEFT weights file without adapter_config.json: every alpha = rank, module names unprefixed."""
+    """A PEFT weights file without adapter_config.json: module names unprefixed; the scale is unknown
+    (`lora_alpha`, `alpha_pattern`, `use_rslora` live in the config): read as alpha = rank, and operations
+    that need the scale refuse until the user gives it (`Adapter.assume_alpha`, --alpha)."""
     adapter = read_peft_style_file(path, source, NAME, {})
+    if adapter.layers and not any(key.endswith(".alpha") for key in source.keys()):
+        adapter.scale_unknown = f"PEFT weights without {CONFIG}, which holds lora_alpha"
+        adapter.warnings.append(f"scale unknown: no {CONFIG} beside this PEFT weights file (lora_alpha, "
+                                "alpha_pattern, use_rslora live there); shown as alpha = rank (scale 1); "
+                                "pass --alpha LORA_ALPHA to merge, convert, resize or blend it")
     renamed = {}
     for target, layer in adapter.layers.items():
         layer.target = target[len(PREFIX):] if target.startswith(PREFIX) else target
