@@ -95,6 +95,9 @@ class ValidationReport:
 def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = None,
              suggest: bool = True) -> ValidationReport:
     """Check every module of `adapter` against the shapes of `base` (headers only)."""
+    from .families import align_to_base
+
+    adapter = align_to_base(adapter, base)  # a family's other naming (kohya Flux vs a diffusers folder)
     match = match_layers(adapter, base)
     problems: list[Problem] = []
     warnings: list[str] = []
