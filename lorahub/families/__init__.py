@@ -39,10 +39,25 @@ def family_named(name: str) -> Family:
     raise KeyError(name)
 
 
-def metadata_family(metadata: dict[str, str] | None) -> str | None:
-    """The family training metadata names, or None."""
-    for key in _META_KEYS:
-        value = str((metadata or {}).get(key) or "").lower()
+def _named_bases(metadata: dict[str, str]) -> list[str]:
+    """`base_model_name_or_path` of the LoraConfigs diffusers stores in `lora_adapter_metadata`."""
+    import json
+
+    try:
+        configs = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(configs, dict):
+        return []
+    return [str(v) for k, v in configs.items() if str(k).endswith("base_model_name_or_path") and v]
+
+
+def metadata_family(metadata: dict[str, str] | None, base_model: str | None = None) -> str | None:
+    """The family that training metadata or the adapter's base model name says, or None."""
+    metadata = metadata or {}
+    values = [metadata.get(key) for key in _META_KEYS] + [base_model] + _named_bases(metadata)
+    for raw in values:
+        value = str(raw or "").lower()
         for pattern, name in _META:
             if value and re.search(pattern, value):
                 return name
@@ -92,12 +107,12 @@ def _score(family: Family, naming: str, names: list[str]) -> tuple[int, int, dic
 
 
 def detect(names: Iterable[str], metadata: dict[str, str] | None = None,
-           only: Family | None = None) -> Detected | None:
+           only: Family | None = None, base_model: str | None = None) -> Detected | None:
     """The family and naming that explain the most of `names` (dotted module paths, with or without a
     prefix), or None when no family explains any. Ties go to the family the metadata names, then to
     the naming with more distinctive modules, then to the table order."""
     names = list(names)
-    hinted = metadata_family(metadata)
+    hinted = metadata_family(metadata, base_model)
     ranked = []
     for order, family in enumerate(FAMILIES if only is None else (only,)):
         for naming in NAMINGS:
@@ -146,7 +161,7 @@ def denoiser_targets(adapter: "Adapter") -> list[str]:
 
 
 def detect_adapter(adapter: "Adapter", only: Family | None = None) -> Detected | None:
-    return detect(denoiser_targets(adapter), adapter.metadata, only=only)
+    return detect(denoiser_targets(adapter), adapter.metadata, only=only, base_model=adapter.base_model)
 
 
 def detect_base(base: "BaseModel") -> Detected | None:
@@ -176,6 +191,17 @@ def align_to_base(adapter: "Adapter", base: "BaseModel") -> "Adapter":
     return convert_naming(adapter, mine, on_base.naming, on_base.prefix)
 
 
+def alignment_note(given: "Adapter", aligned: "Adapter", base: "BaseModel") -> str:
+    """One line saying which naming the adapter was checked in."""
+    found = detect_adapter(given)
+    on_base = detect_base(base)
+    if found is None or on_base is None:
+        return "module names re-expressed in the base's naming"
+    family = on_base.family
+    return (f"{family.label} modules in {family.naming_label(found.naming)} names checked against the base's "
+            f"{family.naming_label(on_base.naming)} names ({len(given.layers)} modules as {len(aligned.layers)})")
+
+
 def to_naming(adapter: "Adapter", naming: str, *, family: Family | None = None,
               prefix: str = "transformer.") -> tuple["Adapter", Detected | None]:
     """The adapter in `naming` ("original" | "diffusers" | "kohya": the family's kohya naming), its
@@ -189,5 +215,6 @@ def to_naming(adapter: "Adapter", naming: str, *, family: Family | None = None,
     return convert_naming(adapter, found, wanted, prefix), found
 
 
-__all__ = ["DIFFUSERS", "FAMILIES", "NAMINGS", "ORIGINAL", "Detected", "Family", "align_to_base", "detect",
+__all__ = ["DIFFUSERS", "FAMILIES", "NAMINGS", "ORIGINAL", "Detected", "Family", "align_to_base", "alignment_note",
+           "detect",
            "detect_adapter", "detect_base", "detect_flat", "family_named", "metadata_family", "to_naming"]

@@ -196,7 +196,8 @@ def _fuse(adapter: Adapter, entry: Entry, index: str | None, parts: dict[str, Lo
         target=target, kind=first.kind, A=DerivedTensor((rank, *kernel_a), a_dtype, load_a),
         B=DerivedTensor((n, rank), compute_dtype, load_b), alpha=alpha, rank=rank, use_rslora=False,
         bias=DerivedTensor((n,), "F32", lambda: load_bias(with_bias)) if with_bias else None,
-        source_key=first.source_key, source_name=f"{names} → {fill(entry.original, index)}")
+        source_key="|".join(parts[m].source_key for m in ordered),  # validate counts the file's own modules
+        source_name=f"{names} → {fill(entry.original, index)}")
 
 
 def convert_naming(adapter: Adapter, found: "Detected", naming: str, prefix: str) -> Adapter:
