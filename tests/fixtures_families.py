@@ -123,6 +123,47 @@ def flux_original_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+# the original Wan checkpoint names: the inverse of diffusers' `convert_wan_transformer_to_diffusers`
+
+_WAN_RENAMES = (  # diffusers -> original, applied in this order to the module path
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"), ("attn1", "self_attn"), ("attn2", "cross_attn"),
+    (".to_out.0", ".o"), (".to_q", ".q"), (".to_k", ".k"), (".to_v", ".v"), (".add_k_proj", ".k_img"),
+    (".add_v_proj", ".v_img"), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("proj_out", "head.head"),
+)
+
+
+def wan_original_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers WanTransformer3DModel state dict under the original Wan checkpoint's names."""
+    out = {}
+    for key, value in state.items():
+        new = key
+        for diffusers_name, original in _WAN_RENAMES:
+            new = new.replace(diffusers_name, original)
+        if new == "scale_shift_table":
+            new = "head.modulation"
+        new = new.replace(".scale_shift_table", ".modulation")
+        new = re.sub(r"\.norm2\.", ".norm__x.", new).replace(".norm3.", ".norm2.").replace(".norm__x.", ".norm3.")
+        out[new] = value
+    return out
+
+
+def wan_musubi_modules(dim: int, ffn: int, layers: int) -> dict[str, tuple[int, int]]:
+    """musubi-tuner's Wan LoRA modules (networks/lora_wan.py: the Linear layers of WanAttentionBlock) with
+    their (out, in) sizes, all of them: diffusers' musubi converter expects every one per block."""
+    modules = {}
+    for i in range(layers):
+        for attn in ("self_attn", "cross_attn"):
+            for o in ("q", "k", "v", "o"):
+                modules[f"blocks_{i}_{attn}_{o}"] = (dim, dim)
+        modules[f"blocks_{i}_ffn_0"] = (ffn, dim)
+        modules[f"blocks_{i}_ffn_2"] = (dim, ffn)
+    return modules
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA files
 
@@ -208,7 +249,13 @@ def diffusers_fused(folder: Path, lora: Path, pipeline: str = "FluxPipeline") ->
     model = model_cls.from_pretrained(str(folder / "transformer"), torch_dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state, alphas, metadata = pipe_cls.lora_state_dict(str(lora), return_alphas=True, return_lora_metadata=True)
+        import inspect
+
+        if "return_alphas" in inspect.signature(pipe_cls.lora_state_dict).parameters:
+            state, alphas, metadata = pipe_cls.lora_state_dict(str(lora), return_alphas=True,
+                                                               return_lora_metadata=True)
+        else:
+            (state, metadata), alphas = pipe_cls.lora_state_dict(str(lora), return_lora_metadata=True), None
         state = {k: v.to(torch.float32) for k, v in state.items()}
         model.load_lora_adapter(state, network_alphas=alphas, metadata=metadata or None, prefix="transformer",
                                 adapter_name="ref")

@@ -306,3 +306,64 @@ def test_registry_validates_kohya_and_diffusers_flux_files(tmp_path, registry):
     report = validate(load_adapter(converted), base)
     assert report.ok and report.modules == 19 * 14 + 38 * 6, report.problems[:3]
     assert json.loads(run_cli("validate", converted, "--base", registry, "--json").stdout)["ok"]
+
+
+# ---------------------------------------------------------------------------------------------
+# single_blocks.N.linear1 at Flux's real width (diffusers' kohya converter knows only 3072/12288)
+
+
+def _deltas_times(state: dict, x: torch.Tensor, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
+    """{module: (B·A)·x} of a diffusers-named LoRA state dict (scales folded in, as diffusers' kohya
+    converter returns them); x is (in, m): cheaper than forming 21504×3072 deltas."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[len(prefix):-len(".lora_A.weight")]
+            b = state[key.replace(".lora_A.", ".lora_B.")].double()
+            out[module] = b @ (value.double() @ x)
+    return out
+
+
+def test_linear1_kohya_to_diffusers_at_real_width_matches_diffusers_converter(tmp_path):
+    from diffusers import FluxPipeline
+
+    modules = {"single_blocks_0_linear1": (3 * 3072 + 12288, 3072), "double_blocks_1_img_attn_qkv": (3 * 3072, 3072)}
+    kohya = kohya_lora_file(tmp_path / "k.safetensors", modules, rank=2, alpha=4.0, seed=5)
+    theirs = FluxPipeline.lora_state_dict(str(kohya))
+    out = tmp_path / "d.safetensors"
+    assert run_cli("convert", kohya, "--to", "diffusers", "--out", out).returncode == 0
+    adapter = load_adapter(out)
+    x = torch.randn(3072, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = {t[len("transformer."):]: (layer.B.load().double() * layer.scale) @ (layer.A.load().double() @ x)
+            for t, layer in adapter.layers.items()}
+    reference = _deltas_times(theirs, x)
+    assert set(ours) == set(reference) and len(ours) == 7
+    for module, value in reference.items():
+        assert torch.allclose(ours[module], value, rtol=1e-12, atol=1e-12), module
+
+
+def test_linear1_diffusers_to_kohya_at_real_width_loads_in_diffusers(tmp_path):
+    """to_q/to_k/to_v/proj_mlp → one kohya linear1 (A stacked, B block-diagonal): diffusers' kohya converter
+    recognises the block structure and gives back the four modules, each with its own product."""
+    from diffusers import FluxPipeline
+
+    g = torch.Generator().manual_seed(3)
+    sizes = {"attn.to_q": 3072, "attn.to_k": 3072, "attn.to_v": 3072, "proj_mlp": 12288}
+    state = {}
+    for name, n in sizes.items():
+        state[f"single_transformer_blocks.0.{name}.lora_A.weight"] = torch.randn(2, 3072, generator=g)
+        state[f"single_transformer_blocks.0.{name}.lora_B.weight"] = torch.randn(n, 2, generator=g)
+    FluxPipeline.save_lora_weights(str(tmp_path / "lora"), transformer_lora_layers=state)
+    out = tmp_path / "k.safetensors"
+    result = run_cli("convert", tmp_path / "lora" / "pytorch_lora_weights.safetensors", "--to", "kohya", "--out", out)
+    assert result.returncode == 0, result.stderr
+    keys = load_file(str(out))
+    assert keys["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (8, 3072)
+    assert keys["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (21504, 8)
+    theirs = FluxPipeline.lora_state_dict(str(out))
+    x = torch.randn(3072, 3, generator=g, dtype=torch.float64)
+    reference = _deltas_times(state, x, prefix="")
+    got = _deltas_times(theirs, x)
+    assert set(got) == set(reference)
+    for module, value in reference.items():
+        assert torch.allclose(got[module], value, rtol=1e-12, atol=1e-12), module
