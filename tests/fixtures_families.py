@@ -26,6 +26,12 @@ WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
                 text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                 eps=1e-6, rope_max_seq_len=32)
 
+QWEN_TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+SD3_TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+                pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
 
 def _seeded(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -56,6 +62,20 @@ def tiny_wan(root: Path, seed: int = 9) -> Path:
 
     model = _seeded(WanTransformer3DModel(**WAN_TINY), seed)
     return save_diffusers_folder(model, root, "WanPipeline")
+
+
+def tiny_qwen_image(root: Path, seed: int = 5) -> Path:
+    from diffusers import QwenImageTransformer2DModel
+
+    model = _seeded(QwenImageTransformer2DModel(**QWEN_TINY), seed)
+    return save_diffusers_folder(model, root, "QwenImagePipeline")
+
+
+def tiny_sd3(root: Path, seed: int = 3) -> Path:
+    from diffusers import SD3Transformer2DModel
+
+    model = _seeded(SD3Transformer2DModel(**SD3_TINY), seed)
+    return save_diffusers_folder(model, root, "StableDiffusion3Pipeline")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +182,61 @@ def wan_musubi_modules(dim: int, ffn: int, layers: int) -> dict[str, tuple[int, 
         modules[f"blocks_{i}_ffn_0"] = (ffn, dim)
         modules[f"blocks_{i}_ffn_2"] = (dim, ffn)
     return modules
+
+
+# the original SD3 (SAI MMDiT) names: the inverse of `convert_sd3_transformer_checkpoint_to_diffusers`
+
+_SD3_TOP = {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "context_embedder": "context_embedder",
+            "proj_out": "final_layer.linear"}
+_SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              "attn2.to_out.0": "x_block.attn2.proj", "norm1.linear": "x_block.adaLN_modulation.1",
+              "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+              "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+              "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+              "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+              "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
+_SD3_QKV = {"attn.to_q": ("x_block.attn.qkv", 0), "attn.to_k": ("x_block.attn.qkv", 1),
+            "attn.to_v": ("x_block.attn.qkv", 2), "attn.add_q_proj": ("context_block.attn.qkv", 0),
+            "attn.add_k_proj": ("context_block.attn.qkv", 1), "attn.add_v_proj": ("context_block.attn.qkv", 2),
+            "attn2.to_q": ("x_block.attn2.qkv", 0), "attn2.to_k": ("x_block.attn2.qkv", 1),
+            "attn2.to_v": ("x_block.attn2.qkv", 2)}
+
+
+def sd3_original_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers SD3Transformer2DModel state dict under the SAI checkpoint's names."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[int, torch.Tensor]] = {}
+    last = max(int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks."))
+    for key, value in state.items():
+        if key == "pos_embed.pos_embed":
+            out["pos_embed"] = value
+            continue
+        module, _, param = key.rpartition(".")
+        if module == "norm_out.linear":
+            out[f"final_layer.adaLN_modulation.1.{param}"] = _swap_halves(value)
+            continue
+        if module in _SD3_TOP:
+            out[f"{_SD3_TOP[module]}.{param}"] = value
+            continue
+        m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)
+        assert m, key
+        i, rest = int(m[1]), m[2]
+        block = f"joint_blocks.{i}."
+        if rest == "norm1_context.linear":
+            out[f"{block}context_block.adaLN_modulation.1.{param}"] = _swap_halves(value) if i == last else value
+        elif rest in _SD3_BLOCK:
+            out[f"{block}{_SD3_BLOCK[rest]}.{param}"] = value
+        elif rest in _SD3_QKV:
+            name, part = _SD3_QKV[rest]
+            fused.setdefault(f"{block}{name}.{param}", {})[part] = value
+        else:
+            raise AssertionError(key)
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts[j] for j in sorted(parts)])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
