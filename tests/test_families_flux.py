@@ -8,7 +8,6 @@ References are diffusers' own: its single-file converter for the base layouts, i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ from safetensors.torch import load_file, save_file
 
 from lorahub.adapter import Adapter, LazyTensor, LoraLayer
 from lorahub.base import load_base
-from lorahub.convert import convert_adapter
 from lorahub.families import detect_adapter, to_naming
 from lorahub.formats import load_adapter
 from lorahub.inspect import describe

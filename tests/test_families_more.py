@@ -156,3 +156,102 @@ def test_sd3_kohya_names_round_trip_to_fuse_lora(sd3, tmp_path):
     got, count = diffusers_fused(sd3["folder"], back, "StableDiffusion3Pipeline")
     assert count == loaded
     assert_merged(got, reference, sd3["state"])
+
+
+# ---------------------------------------------------------------------------------------------
+# HunyuanVideo: the table against diffusers' own LoRA converter, at the real width it hard-codes
+
+
+def test_hunyuan_video_table_matches_diffusers_lora_converter():
+    """An original-named HunyuanVideo LoRA (the official `img_attn_qkv`, `linear1`, refiner `self_attn_qkv`,
+    final adaLN) re-expressed by lorahub gives diffusers' `_convert_hunyuan_video_lora_to_diffusers` modules
+    with the same products B·A (fused → split). Not compared: `final_layer.adaLN_modulation.1`, whose
+    halves diffusers 0.42 swaps in lora_A as well as lora_B (chunking A along the rank: wrong for rank ≥ 2,
+    an error for rank 1; lorahub swaps B's rows only, as for Flux's identical final layer), and the token
+    refiner's `self_attn_qkv`, whose lora_A diffusers also chunks in three (ranks that do not fit B)."""
+    import torch
+    from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
+
+    from lorahub.adapter import Adapter, LazyTensor, LoraLayer
+    from lorahub.families import to_naming
+
+    d = 3072
+    modules = {"double_blocks.0.img_attn_qkv": (3 * d, d), "double_blocks.0.txt_attn_qkv": (3 * d, d),
+               "double_blocks.0.img_attn_proj": (d, d), "double_blocks.0.txt_attn_proj": (d, d),
+               "double_blocks.0.img_mod.linear": (6 * d, d), "double_blocks.0.txt_mlp.fc1": (4 * d, d),
+               "single_blocks.0.linear1": (7 * d, d), "single_blocks.0.linear2": (d, 5 * d),
+               "single_blocks.0.modulation.linear": (3 * d, d), "final_layer.linear": (64, d), "img_in.proj": (d, 16), "time_in.mlp.0": (d, 256),
+               "txt_in.individual_token_refiner.blocks.0.mlp.fc1": (4 * d, d),
+               "txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1": (2 * d, d)}
+    g = torch.Generator().manual_seed(0)
+    state, layers = {}, {}
+    for name, (n, k) in modules.items():
+        a = torch.randn((1, k, 1, 1, 1) if name == "img_in.proj" else (1, k), generator=g, dtype=torch.float64)
+        b = torch.randn((n, 1, 1, 1, 1) if name == "img_in.proj" else (n, 1), generator=g, dtype=torch.float64)
+        state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = a, b
+        layers[f"transformer.{name}"] = LoraLayer(f"transformer.{name}", "conv" if a.dim() == 5 else "linear",
+                                                  LazyTensor.of(a), LazyTensor.of(b), 1.0, 1)
+    theirs = _convert_hunyuan_video_lora_to_diffusers(dict(state))
+    converted, found = to_naming(Adapter(path=None, format="diffusers", layers=layers, has_components=True),
+                                 "diffusers")
+    assert found is not None and found.family.name == "hunyuan-video" and found.naming == "original"
+    ours = {t[len("transformer."):]: layer for t, layer in converted.layers.items()}
+    expected = {k[len("transformer."):-len(".lora_A.weight")] for k in theirs if k.endswith(".lora_A.weight")}
+    assert set(ours) == expected
+    for module, layer in ours.items():
+        a = theirs[f"transformer.{module}.lora_A.weight"].flatten(1)
+        b = theirs[f"transformer.{module}.lora_B.weight"].flatten(1)
+        assert torch.equal(layer.delta_math(dtype=torch.float64), b @ a), module
+
+
+# ---------------------------------------------------------------------------------------------
+# LTX-Video: the original checkpoint names differ in patchify_proj / adaln_single only
+
+
+LTX_TINY = dict(in_channels=16, out_channels=16, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                attention_head_dim=16, cross_attention_dim=32, num_layers=1, caption_channels=16,
+                qk_norm="rms_norm_across_heads")
+
+
+def _ltx_original(state: dict) -> dict:
+    """The inverse of diffusers' `convert_ltx_transformer_checkpoint_to_diffusers` (renames only)."""
+    out = {}
+    for key, value in state.items():
+        new = key.replace("proj_in", "patchify_proj").replace("time_embed", "adaln_single")
+        out[new.replace("norm_q", "q_norm").replace("norm_k", "k_norm")] = value
+    return out
+
+
+def test_ltx_video_lora_merges_into_the_original_checkpoint(tmp_path):
+    import torch
+    from diffusers import LTXVideoTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_ltx_transformer_checkpoint_to_diffusers
+    from fixtures_families import _seeded, save_diffusers_folder
+
+    folder = save_diffusers_folder(_seeded(LTXVideoTransformer3DModel(**LTX_TINY), 2), tmp_path / "ltx", "LTXPipeline")
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    original = tmp_path / "ltx-video-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in _ltx_original(state).items()}, str(original))
+    back = convert_ltx_transformer_checkpoint_to_diffusers(dict(load_file(str(original))))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in back)
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "time_embed.linear"]
+    lora = peft_lora_file(folder, tmp_path / "lora", targets, rank=4, alpha=8.0, seed=51, pipeline="LTXPipeline")
+    adapter = load_adapter(lora)
+    assert describe(adapter, read_data=False)["family"]["label"] == "LTX-Video"
+    for base in (original, folder):
+        assert validate(adapter, load_base(str(base))).ok
+    reference, loaded = diffusers_fused(folder, lora, "LTXPipeline")
+    merge(str(original), [AdapterInput(adapter)], tmp_path / "out", device="cpu")
+    got = load_file(str(tmp_path / "out" / original.name))
+    assert assert_merged(got, _ltx_original(reference), load_file(str(original))) == loaded
+    kohya = tmp_path / "k.safetensors"
+    assert run_cli("convert", lora, "--to", "kohya", "--out", kohya).returncode == 0
+    keys = load_file(str(kohya))
+    assert "lora_unet_patchify_proj.alpha" in keys and "lora_unet_transformer_blocks_0_attn1_to_q.alpha" in keys
+    merge(str(folder), [AdapterInput(load_adapter(kohya))], tmp_path / "out2", device="cpu")
+    got = load_file(str(tmp_path / "out2" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert assert_merged(got, reference, state) == loaded
+    report = validate(adapter, load_manifest("ltx-video"))
+    assert not report.ok and report.modules == loaded  # tiny shapes; the names all exist in the manifest
+    assert not any(p.kind == "missing" for p in report.problems)

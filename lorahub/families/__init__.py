@@ -131,7 +131,7 @@ def detect(names: Iterable[str], metadata: dict[str, str] | None = None,
 
 
 def detect_flat(flat_names: Iterable[str], metadata: dict[str, str] | None = None) -> Detected | None:
-    """`detect` for kohya's underscore-flattened names (without kohya's `lora_unet_` prefix): the
+    """`detect` for kohya's underscore-flattened names (kohya's module prefix stripped): the
     matches give each name's dotted form in the family's table."""
     names = list(flat_names)
     hinted = metadata_family(metadata)

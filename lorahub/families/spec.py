@@ -127,7 +127,7 @@ class Family:
 
     def lookup(self, name: str, naming: str) -> Match | None:
         """The table row of a dotted module name in `naming`, or None."""
-        for dotted, _, pattern, entry in self._tables[naming]:
+        for dotted, _, _, entry in self._tables[naming]:
             m = dotted.fullmatch(name)
             if m:
                 return Match(naming, entry, m.group(1) if m.groups() else None, name)

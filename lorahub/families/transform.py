@@ -203,14 +203,13 @@ def _fuse(adapter: Adapter, entry: Entry, index: str | None, parts: dict[str, Lo
 def convert_naming(adapter: Adapter, found: "Detected", naming: str, prefix: str) -> Adapter:
     """`adapter` with the modules `found` explains re-expressed in `naming` under `prefix`; others kept."""
     family = found.family
+    layers: dict[str, LoraLayer] = {}
     if naming == found.naming or not family.has_two_namings():
-        layers = {}
         for target, layer in adapter.layers.items():
             match = found.matches.get(target)
             new = prefix + match.name if match is not None else target
-            layers[new] = dataclasses.replace(layer, target=new) if new != target else layer
+            _add(adapter, layers, dataclasses.replace(layer, target=new) if new != target else layer)
         return _with_layers(adapter, layers)
-    layers: dict[str, LoraLayer] = {}
     groups: dict[tuple[int, str | None], tuple[Entry, dict[str, LoraLayer]]] = {}
     for target, layer in adapter.layers.items():
         match = found.matches.get(target)

@@ -25,7 +25,14 @@ from .common import (
     read_layers_metadata,
     settle_fan_in_fan_out,
 )
-from .kohya_names import KOHYA_PREFIXES, family_targets, kohya_name_fits, kohya_split_prefix, kohya_to_target, target_to_kohya
+from .kohya_names import (
+    KOHYA_PREFIXES,
+    family_targets,
+    kohya_name_fits,
+    kohya_split_prefix,
+    kohya_to_target,
+    target_to_kohya,
+)
 from .spec import Format
 
 NAME = "kohya"
