@@ -255,3 +255,60 @@ def test_ltx_video_lora_merges_into_the_original_checkpoint(tmp_path):
     report = validate(adapter, load_manifest("ltx-video"))
     assert not report.ok and report.modules == loaded  # tiny shapes; the names all exist in the manifest
     assert not any(p.kind == "missing" for p in report.problems)
+
+
+HUNYUAN_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+                    num_single_layers=1, num_refiner_layers=1, mlp_ratio=4.0, patch_size=1, patch_size_t=1,
+                    qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+                    rope_axes_dim=(4, 6, 6))
+
+
+def test_hunyuan_video_diffusers_lora_round_trips_through_kohya_names(tmp_path):
+    """A diffusers HunyuanVideo LoRA written in the original names (`img_attn_qkv`, `linear1`, refiner
+    `self_attn_qkv`: fused) and merged into the diffusers folder (split again) equals diffusers' fuse of the
+    original LoRA; so does the file converted back to diffusers, as diffusers loads it."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    from fixtures_families import _seeded, save_diffusers_folder
+
+    model = _seeded(HunyuanVideoTransformer3DModel(**HUNYUAN_TINY), 4)
+    folder = save_diffusers_folder(model, tmp_path / "hv", "HunyuanVideoPipeline")
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "proj_mlp", "norm.linear", "norm_out.linear"]
+    lora = peft_lora_file(folder, tmp_path / "lora", targets, rank=4, alpha=8.0, seed=61,
+                          pipeline="HunyuanVideoPipeline")
+    adapter = load_adapter(lora)
+    assert describe(adapter, read_data=False)["family"]["label"] == "HunyuanVideo"
+    reference, loaded = diffusers_fused(folder, lora, "HunyuanVideoPipeline")
+    kohya = tmp_path / "k.safetensors"
+    result = run_cli("convert", lora, "--to", "kohya", "--out", kohya)
+    assert result.returncode == 0, result.stderr
+    keys = load_file(str(kohya))
+    for name in ("double_blocks_0_img_attn_qkv", "single_blocks_0_linear1", "final_layer_adaLN_modulation_1",
+                 "txt_in_individual_token_refiner_blocks_0_self_attn_qkv"):
+        assert f"lora_unet_{name}.lora_down.weight" in keys, name
+    assert validate(load_adapter(kohya), load_base(str(folder))).ok
+    merge(str(folder), [AdapterInput(load_adapter(kohya))], tmp_path / "out", device="cpu")
+    got = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert assert_merged(got, reference, state) == loaded
+    back = tmp_path / "d.safetensors"
+    assert run_cli("convert", kohya, "--to", "diffusers", "--out", back).returncode == 0
+    got, count = diffusers_fused(folder, back, "HunyuanVideoPipeline")
+    assert count == loaded
+    assert_merged(got, reference, state)
+
+
+def test_dora_on_a_fused_module_is_refused(tmp_path):
+    import torch
+
+    from lorahub.adapter import Adapter, LazyTensor, LoraLayer
+    from lorahub.errors import LorahubError
+    from lorahub.families import to_naming
+
+    layer = LoraLayer("transformer.double_blocks.0.img_attn.qkv", "linear", LazyTensor.of(torch.ones(2, 8)),
+                      LazyTensor.of(torch.ones(24, 2)), 2.0, 2, magnitude=LazyTensor.of(torch.ones(24)),
+                      source_name="lora_unet_double_blocks_0_img_attn_qkv")
+    adapter = Adapter(path=tmp_path / "x.safetensors", format="kohya", layers={layer.target: layer},
+                      has_components=True)
+    with pytest.raises(LorahubError, match="lora_unet_double_blocks_0_img_attn_qkv.*DoRA"):
+        to_naming(adapter, "diffusers")
