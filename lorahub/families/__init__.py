@@ -133,7 +133,7 @@ def detect(names: Iterable[str], metadata: dict[str, str] | None = None,
 def detect_flat(flat_names: Iterable[str], metadata: dict[str, str] | None = None) -> Detected | None:
     """`detect` for kohya's underscore-flattened names (kohya's module prefix stripped): the
     matches give each name's dotted form in the family's table."""
-    names = list(flat_names)
+    names = [name for name in flat_names if name.startswith(_ALL_FLAT_HEADS)]
     hinted = metadata_family(metadata)
     ranked = []
     for order, family in enumerate(FAMILIES):
@@ -161,13 +161,39 @@ def denoiser_targets(adapter: "Adapter") -> list[str]:
 
 
 def detect_adapter(adapter: "Adapter", only: Family | None = None) -> Detected | None:
-    return detect(denoiser_targets(adapter), adapter.metadata, only=only, base_model=adapter.base_model)
+    names = denoiser_targets(adapter)
+    candidates = [name for name in names if _may_fit(name)]
+    if not candidates:
+        return None
+    found = detect(candidates, adapter.metadata, only=only, base_model=adapter.base_model)
+    if found is not None:
+        found.total = len(names)
+    return found
+
+
+_ALL_HEADS = frozenset(head for family in FAMILIES for heads in family.heads.values() for head in heads)
+
+
+_ALL_FLAT_HEADS = tuple({head for family in FAMILIES for heads in family.flat_heads.values() for head in heads})
+
+
+def _may_fit(name: str) -> bool:
+    """Whether any family's table could hold `name` (its first segment after a known prefix is a head);
+    fast, as it runs on every module of a base or an adapter."""
+    head, _, rest = name.partition(".")
+    if head in _ALL_HEADS:
+        return True
+    if head in ("transformer", "unet", "diffusion_model"):
+        return rest.partition(".")[0] in _ALL_HEADS
+    if head == "model" and rest.startswith("diffusion_model."):
+        return rest[len("diffusion_model."):].partition(".")[0] in _ALL_HEADS
+    return False
 
 
 def detect_base(base: "BaseModel") -> Detected | None:
     from ..names import base_index
 
-    modules = [m for m in base_index(base).modules if not m.startswith(("text_encoder", "vae."))]
+    modules = [m for m in base_index(base).modules if not m.startswith(("text_encoder", "vae.")) and _may_fit(m)]
     found = detect(modules)
     # a base is a whole model: a family it fits must explain a good part of its modules
     if found is None or found.hits < 4:

@@ -122,11 +122,25 @@ class Family:
         return tables
 
     @cached_property
+    def heads(self) -> dict[str, frozenset[str]]:
+        """naming -> the first segments of its module patterns (a name with another head cannot match)."""
+        return {naming: frozenset(pattern.split(".", 1)[0] for _, _, pattern, _ in rows)
+                for naming, rows in self._tables.items()}
+
+    @cached_property
+    def flat_heads(self) -> dict[str, tuple[str, ...]]:
+        """naming -> the literal beginnings of its flattened patterns (up to the first block index)."""
+        return {naming: tuple({pattern.split("{i}", 1)[0].replace(".", "_") for _, _, pattern, _ in rows})
+                for naming, rows in self._tables.items()}
+
+    @cached_property
     def _markers(self) -> list[re.Pattern]:
         return [_regex(m, ".") for m in self.markers]
 
     def lookup(self, name: str, naming: str) -> Match | None:
         """The table row of a dotted module name in `naming`, or None."""
+        if name.split(".", 1)[0] not in self.heads[naming]:
+            return None
         for dotted, _, _, entry in self._tables[naming]:
             m = dotted.fullmatch(name)
             if m:
@@ -135,6 +149,8 @@ class Family:
 
     def lookup_flat(self, flat: str, naming: str) -> Match | None:
         """A kohya-flattened module path (`double_blocks_0_img_attn_qkv`) resolved to its dotted name."""
+        if not flat.startswith(self.flat_heads[naming]):
+            return None
         for _, flattened, pattern, entry in self._tables[naming]:
             m = flattened.fullmatch(flat)
             if m:
