@@ -352,3 +352,15 @@ def peft_fused(folder: Path, peft_dir: Path) -> tuple[dict[str, torch.Tensor], i
     loaded = sum(1 for _, m in wrapped.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
     merged = wrapped.merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}, loaded
+
+
+def direct_merge(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], names: dict[str, str]) -> dict:
+    """W + (B·A)·(alpha/rank) for every kohya module {kohya name: base module}, in PEFT's order of
+    operations (fp32): the reference for a kohya file merged into a checkpoint in the file's own naming."""
+    out = dict(base)
+    for kohya, module in names.items():
+        down, up = lora[f"{kohya}.lora_down.weight"], lora[f"{kohya}.lora_up.weight"]
+        scale = float(lora[f"{kohya}.alpha"]) / down.shape[0]
+        key = f"{module}.weight"
+        out[key] = base[key] + (up @ down) * scale
+    return out

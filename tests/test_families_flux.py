@@ -365,3 +365,51 @@ def test_linear1_diffusers_to_kohya_at_real_width_loads_in_diffusers(tmp_path):
     assert set(got) == set(reference)
     for module, value in reference.items():
         assert torch.allclose(got[module], value, rtol=1e-12, atol=1e-12), module
+
+
+def test_kohya_flux_with_linear1_and_outer_modules_into_both_layouts(flux, tmp_path):
+    """Every sd-scripts Flux module, linear1 and img_in/…/final_layer included, at the tiny width where
+    diffusers cannot load them: merged into the BFL file it is W + s·B·A module by module; merged into
+    the diffusers folder (linear1 split in four, norm_out's halves swapped) and written back in BFL names
+    with the inverse of diffusers' converter, the same."""
+    from fixtures_families import direct_merge
+
+    modules = flux_kohya_modules(D)
+    lora = kohya_lora_file(tmp_path / "all.safetensors", modules, rank=4, alpha=8.0, seed=17)
+    adapter = load_adapter(lora)
+    names = {layer.source_name: layer.target[len("transformer."):] for layer in adapter.layers.values()}
+    assert len(names) == len(modules) == 23
+    base = load_file(str(flux["original"]))
+    reference = direct_merge(base, load_file(str(lora)), names)
+    merge(str(flux["original"]), [AdapterInput(adapter)], tmp_path / "o", device="cpu")
+    assert assert_merged(load_file(str(tmp_path / "o" / flux["original"].name)), reference, base) == 23
+    merge(str(flux["folder"]), [AdapterInput(load_adapter(lora))], tmp_path / "f", device="cpu")
+    got = flux_original_state(load_file(str(tmp_path / "f" / "transformer" / "diffusion_pytorch_model.safetensors")))
+    assert assert_merged(got, reference, base) == 23
+
+
+def test_flattened_diffusers_names_lora_transformer(flux, diffusers_file, tmp_path):
+    """`lora_transformer_single_transformer_blocks_0_attn_to_q` files (diffusers names flattened, kohya
+    tensors; diffusers reads them as its "mixture" layout) resolve against Flux's table and load back."""
+    state = load_file(str(diffusers_file))
+    scale = 2.0  # the LoRA's alpha/r, written as kohya alphas
+    mixture = {}
+    for key, value in state.items():
+        module, kind = key[len("transformer."):].rsplit(".lora_", 1)
+        if ".attn." not in module:
+            continue  # diffusers' mixture reader knows the blocks' attention modules only
+        name = "lora_transformer_" + module.replace(".", "_")
+        mixture[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
+        mixture[f"{name}.alpha"] = torch.tensor(scale * value.shape[0 if kind.startswith("A") else 1])
+    path = tmp_path / "mixture.safetensors"
+    save_file(mixture, str(path))
+    adapter = load_adapter(path)
+    assert "transformer.single_transformer_blocks.0.attn.to_q" in adapter.layers and not adapter.warnings
+    assert "transformer.transformer_blocks.0.attn.to_add_out" in adapter.layers
+    reference, loaded = diffusers_fused(flux["folder"], path)
+    assert loaded == len(adapter.layers) == 11
+    out = tmp_path / "d.safetensors"
+    assert run_cli("convert", path, "--to", "diffusers", "--out", out).returncode == 0
+    got, count = diffusers_fused(flux["folder"], out)
+    assert count == loaded
+    assert_merged(got, reference, flux["state"])

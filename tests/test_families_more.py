@@ -312,3 +312,30 @@ def test_dora_on_a_fused_module_is_refused(tmp_path):
                       has_components=True)
     with pytest.raises(LorahubError, match="lora_unet_double_blocks_0_img_attn_qkv.*DoRA"):
         to_naming(adapter, "diffusers")
+
+
+def test_sd3_kohya_file_into_both_layouts(sd3, tmp_path):
+    """A file in sd-scripts' SD3 layout (`lora_unet_joint_blocks_N_x_block_attn_qkv`, every Linear layer of the
+    MMDiT and the final layer): merged into the SAI file it is W + s·B·A per module; merged into the diffusers
+    folder (qkv split, the last block's context adaLN and the final adaLN swapped back) it is what diffusers'
+    own single-file converter makes of that merged SAI file."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from fixtures_families import direct_merge
+
+    base = load_file(str(sd3["original"]))
+    modules = {k[:-len(".weight")].replace(".", "_"): tuple(v.shape) for k, v in base.items()
+               if k.endswith(".weight") and v.dim() == 2 and not k.startswith(("pos_embed", "x_embedder"))}
+    lora = kohya_lora_file(tmp_path / "sd3.safetensors", modules, rank=4, alpha=2.0, seed=43,
+                           metadata={"ss_base_model_version": "sd3"})
+    adapter = load_adapter(lora)
+    assert "transformer.joint_blocks.1.context_block.adaLN_modulation.1" in adapter.layers and not adapter.warnings
+    names = {layer.source_name: layer.target[len("transformer."):] for layer in adapter.layers.values()}
+    reference = direct_merge(base, load_file(str(lora)), names)
+    merge(str(sd3["original"]), [AdapterInput(adapter)], tmp_path / "o", device="cpu")
+    assert assert_merged(load_file(str(tmp_path / "o" / sd3["original"].name)), reference, base) == len(modules)
+    report = validate(adapter, load_base(str(sd3["folder"])))
+    assert report.ok and report.matched == report.modules == len(modules)
+    merge(str(sd3["folder"]), [AdapterInput(adapter)], tmp_path / "f", device="cpu")
+    got = load_file(str(tmp_path / "f" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    expected = convert_sd3_transformer_checkpoint_to_diffusers(dict(reference))
+    assert assert_merged(got, expected, sd3["state"]) > len(modules)
