@@ -413,3 +413,22 @@ def test_flattened_diffusers_names_lora_transformer(flux, diffusers_file, tmp_pa
     got, count = diffusers_fused(flux["folder"], out)
     assert count == loaded
     assert_merged(got, reference, flux["state"])
+
+
+def test_unmerge_of_a_family_aligned_merge(flux, diffusers_file, tmp_path):
+    """merge (split → fused into the BFL file) and unmerge plan the same aligned layers: the base comes back
+    within one ulp (bit-exact with --save-originals)."""
+    from lorahub.merge import unmerge
+
+    base = load_file(str(flux["original"]))
+    merge(str(flux["original"]), [AdapterInput(load_adapter(diffusers_file))], tmp_path / "m", device="cpu")
+    unmerge(str(tmp_path / "m" / flux["original"].name), [AdapterInput(load_adapter(diffusers_file))],
+            tmp_path / "u", device="cpu")
+    got = load_file(str(tmp_path / "u" / flux["original"].name))
+    merged = load_file(str(tmp_path / "m" / flux["original"].name))
+    assert set(got) == set(base)
+    changed = 0
+    for name, value in got.items():
+        assert ulps(value, base[name], merged[name]) <= 1.0, name  # W + ΔW − ΔW: rounded at |W + ΔW|
+        changed += not torch.equal(merged[name], base[name])
+    assert changed == 16
