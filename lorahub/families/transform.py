@@ -16,7 +16,6 @@ data), their values are computed when an operation loads them. Renamed modules k
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Callable
 
 from ..adapter import Adapter, LazyTensor, LoraLayer
@@ -250,6 +249,3 @@ def _target_of(adapter: Adapter, layer: LoraLayer) -> str | None:
     original = adapter.layers.get(layer.target)
     return layer.target if original is not None and original.source_name == layer.source_name else None
 
-
-def exact_alpha(scale: float, rank: int) -> bool:
-    return math.isfinite(scale) and (scale * rank) / rank == scale
