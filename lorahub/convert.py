@@ -7,6 +7,7 @@ from typing import Any
 
 from .adapter import Adapter
 from .errors import LorahubError
+from .families.convert import to_family_naming
 from .formats import save_adapter
 
 
@@ -28,6 +29,9 @@ def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_f
                                f"to leave them out, or convert --to peft", path=adapter.path)
         warnings.append(f"left out {len(adapter.full_tensors)} full tensors: {', '.join(sorted(adapter.full_tensors))}")
         adapter.full_tensors = {}
+    adapter, family_line = to_family_naming(adapter, to_format)
+    if family_line:
+        warnings.append(family_line)
     if to_format != "kohya" and _sgm_unet_targets(adapter):
         renamed = _sgm_unet_to_diffusers(adapter)
         warnings.append(f"renamed {renamed} SDXL UNet modules from kohya's SGM layout (input_blocks, "

@@ -171,6 +171,18 @@ def inspect_adapter(path: Path | str, *, format: str | None = None, allow_pickle
         return describe(adapter, read_data=read_data, spectrum=spectrum)
 
 
+def model_family(adapter: Adapter) -> dict[str, str] | None:
+    """The diffusion-transformer family the adapter's module names belong to (Flux, Wan, …) and which of
+    its namings they use, or None."""
+    from .families import denoiser_targets, detect_adapter
+
+    found = detect_adapter(adapter)
+    if found is None or 2 * found.hits < len(denoiser_targets(adapter)):
+        return None
+    return {"name": found.family.name, "label": found.family.label,
+            "naming": found.family.naming_label(found.naming)}
+
+
 def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False) -> dict[str, Any]:
     layers = list(adapter.layers.values())
     ranks = [layer.rank for layer in layers]
@@ -201,6 +213,7 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
         "scale_distribution": _distribution([_number(s) for s in scales]),
         "kinds": dict(kinds),
         "components": dict(components),
+        "family": model_family(adapter),
         "targets": dict(sorted(targets.items(), key=lambda kv: (-kv[1], kv[0]))),
         "trainable_parameters": adapter.num_params,
         "dtypes": dict(dtypes),

@@ -37,8 +37,9 @@ replaces) to the base tensor that holds its weight:
   (L = layers_per_block.) OpenCLIP text encoders map to CLIP names (`resblocks.i` → `layers.i`,
   `ln_1/ln_2` → `layer_norm1/2`, `mlp.c_fc/c_proj` → `mlp.fc1/fc2`, `attn.out_proj` →
   `self_attn.out_proj`); `q_proj/k_proj/v_proj` are row blocks of the fused `attn.in_proj_weight`
-  (`ModuleRef.rows`). Not covered: VAE, `text_projection` (stored transposed by OpenCLIP), Flux
-  diffusers names against BFL checkpoints (fused qkv), ControlNet.
+  (`ModuleRef.rows`). Not covered: VAE, `text_projection` (stored transposed by OpenCLIP), ControlNet.
+  Diffusion transformers whose original checkpoint and diffusers folder differ (Flux's fused qkv, …) are
+  re-expressed in the base's naming before matching (`lorahub.families.align_to_base`).
 
 Also from names: how a base layer stores its weight (`base_conv1d`: the base decides Conv1D, never an
 adapter's `fan_in_fan_out`), and which model an adapter's names belong to (`model_evidence`,

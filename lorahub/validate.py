@@ -95,6 +95,10 @@ class ValidationReport:
 def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = None,
              suggest: bool = True) -> ValidationReport:
     """Check every module of `adapter` against the shapes of `base` (headers only)."""
+    from .families import align_to_base
+
+    given = adapter
+    adapter = align_to_base(adapter, base)  # a family's other naming (kohya Flux vs a diffusers folder)
     match = match_layers(adapter, base)
     problems: list[Problem] = []
     warnings: list[str] = list(adapter.warnings)  # what the reader said (e.g. an unknown scale)
@@ -117,10 +121,12 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
             warnings.append(f"{target}: several base modules flatten to the same kohya name "
                             f"({', '.join(candidates[:3])}); chose {match.refs[target].module}")
 
+    full_matched = 0
     for name, tensor in adapter.full_tensors.items():
         problem = _check_full_tensor(name, tensor.shape, match, base)
         if problem is None:
             matched += 1
+            full_matched += 1
         else:
             problems.append(problem)
 
@@ -144,6 +150,11 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
     problems.sort(key=lambda p: (SEVERITIES.index(p.severity), _natural_key(p.module)))
     ok = not any(p.severity == "error" for p in problems)
     total = len(adapter.layers) + len(adapter.full_tensors)
+    if given is not adapter:  # counted as the file's modules, whatever they became in the base's naming
+        from .families import alignment_note
+
+        matched, total = _given_counts(given, adapter, problems, full_matched)
+        warnings.append(alignment_note(given, adapter, base))
     report = ValidationReport(adapter=adapter.name, base=base.display_name, ok=ok, modules=total,
                               matched=matched, problems=problems, warnings=warnings, max_rank=max_rank,
                               name_rule=match.rule)
@@ -152,6 +163,15 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
     if not ok and shape_errors and suggest:
         report.suggestions = suggest_bases(adapter, exclude=base.name)
     return report
+
+
+def _given_counts(given: "Adapter", aligned: "Adapter", problems: list[Problem], full_matched: int) -> tuple[int, int]:
+    """(matched, total) in the adapter file's own modules when it was checked in another naming."""
+    origin = {target: layer.source_key.split("|") for target, layer in aligned.layers.items()}
+    bad = {key for p in problems if p.severity == "error" and p.kind != "max_rank" for key in origin.get(p.module, ())}
+    keys = [layer.source_key for layer in given.layers.values()]
+    matched = sum(1 for key in keys if key not in bad) + full_matched
+    return matched, len(given.layers) + len(given.full_tensors)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,6 +212,119 @@ MODELS: dict[str, dict[str, Any]] = {
             }},
         },
     },
+    "flux.1-schnell": {
+        "repo_id": "black-forest-labs/FLUX.1-schnell", "kind": "diffusers",
+        "aliases": ["flux-schnell", "flux1-schnell"],
+        "components": {
+            "transformer": {"class": "FluxTransformer2DModel", "dtype": "BF16", "config": {
+                "_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.30.0.dev0",
+                "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": False,
+                "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19,
+                "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768,
+            }},
+        },
+    },
+    "sd3.5-large": {
+        "repo_id": "stabilityai/stable-diffusion-3.5-large", "kind": "diffusers",
+        "aliases": ["sd35-large", "stable-diffusion-3.5-large"],
+        "components": {
+            "transformer": {"class": "SD3Transformer2DModel", "dtype": "BF16", "config": {
+                "_class_name": "SD3Transformer2DModel", "_diffusers_version": "0.31.0.dev0",
+                "attention_head_dim": 64, "caption_projection_dim": 2432, "dual_attention_layers": [],
+                "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 38, "num_layers": 38,
+                "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+                "qk_norm": "rms_norm", "sample_size": 128,
+            }},
+        },
+    },
+    "sd3.5-medium": {
+        "repo_id": "stabilityai/stable-diffusion-3.5-medium", "kind": "diffusers",
+        "aliases": ["sd35-medium", "stable-diffusion-3.5-medium"],
+        "components": {
+            "transformer": {"class": "SD3Transformer2DModel", "dtype": "BF16", "config": {
+                "_class_name": "SD3Transformer2DModel", "_diffusers_version": "0.31.0.dev0",
+                "attention_head_dim": 64, "caption_projection_dim": 1536,
+                "dual_attention_layers": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], "in_channels": 16,
+                "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24, "out_channels": 16,
+                "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+                "sample_size": 128,
+            }},
+        },
+    },
+    "wan2.1-t2v-1.3b": {
+        "repo_id": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "kind": "diffusers", "aliases": ["wan2.1-1.3b", "wan-1.3b"],
+        "components": {
+            "transformer": {"class": "WanTransformer3DModel", "dtype": "F32", "config": {
+                "_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0.dev0",
+                "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
+                "ffn_dim": 8960, "freq_dim": 256, "image_dim": None, "in_channels": 16, "num_attention_heads": 12,
+                "num_layers": 30, "out_channels": 16, "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads",
+                "rope_max_seq_len": 1024, "text_dim": 4096,
+            }},
+        },
+    },
+    "wan2.1-t2v-14b": {
+        "repo_id": "Wan-AI/Wan2.1-T2V-14B-Diffusers", "kind": "diffusers", "aliases": ["wan2.1-14b", "wan-14b"],
+        "components": {
+            "transformer": {"class": "WanTransformer3DModel", "dtype": "F32", "config": {
+                "_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0.dev0",
+                "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
+                "ffn_dim": 13824, "freq_dim": 256, "image_dim": None, "in_channels": 16, "num_attention_heads": 40,
+                "num_layers": 40, "out_channels": 16, "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads",
+                "rope_max_seq_len": 1024, "text_dim": 4096,
+            }},
+        },
+    },
+    "wan2.2-t2v-a14b": {
+        # two experts of this shape (`transformer/` high noise, `transformer_2/` low noise); a LoRA is
+        # trained for one of them, so the manifest describes one
+        "repo_id": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "kind": "diffusers", "aliases": ["wan2.2-a14b", "wan2.2-14b"],
+        "components": {
+            "transformer": {"class": "WanTransformer3DModel", "dtype": "F32", "config": {
+                "_class_name": "WanTransformer3DModel", "_diffusers_version": "0.35.0.dev0",
+                "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
+                "ffn_dim": 13824, "freq_dim": 256, "image_dim": None, "in_channels": 16, "num_attention_heads": 40,
+                "num_layers": 40, "out_channels": 16, "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads",
+                "rope_max_seq_len": 1024, "text_dim": 4096,
+            }},
+        },
+    },
+    "qwen-image": {
+        "repo_id": "Qwen/Qwen-Image", "kind": "diffusers", "aliases": ["qwen-image-20b"],
+        "components": {
+            "transformer": {"class": "QwenImageTransformer2DModel", "dtype": "BF16", "config": {
+                "_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.35.0.dev0",
+                "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": False,
+                "in_channels": 64, "joint_attention_dim": 3584, "num_attention_heads": 24, "num_layers": 60,
+                "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 768,
+            }},
+        },
+    },
+    "hunyuanvideo": {
+        "repo_id": "hunyuanvideo-community/HunyuanVideo", "kind": "diffusers", "aliases": ["hunyuan-video"],
+        "components": {
+            "transformer": {"class": "HunyuanVideoTransformer3DModel", "dtype": "BF16", "config": {
+                "_class_name": "HunyuanVideoTransformer3DModel", "_diffusers_version": "0.32.0.dev0",
+                "attention_head_dim": 128, "guidance_embeds": True, "in_channels": 16, "mlp_ratio": 4.0,
+                "num_attention_heads": 24, "num_layers": 20, "num_refiner_layers": 2, "num_single_layers": 40,
+                "out_channels": 16, "patch_size": 2, "patch_size_t": 1, "pooled_projection_dim": 768,
+                "qk_norm": "rms_norm", "rope_axes_dim": [16, 56, 56], "rope_theta": 256.0, "text_embed_dim": 4096,
+            }},
+        },
+    },
+    "ltx-video": {
+        "repo_id": "Lightricks/LTX-Video", "kind": "diffusers", "aliases": ["ltxv", "ltx-video-0.9"],
+        "components": {
+            "transformer": {"class": "LTXVideoTransformer3DModel", "dtype": "BF16", "config": {
+                "_class_name": "LTXVideoTransformer3DModel", "_diffusers_version": "0.32.0.dev0",
+                "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 64,
+                "attention_out_bias": True, "caption_channels": 4096, "cross_attention_dim": 2048,
+                "in_channels": 128, "norm_elementwise_affine": False, "norm_eps": 1e-06, "num_attention_heads": 32,
+                "num_layers": 28, "out_channels": 128, "patch_size": 1, "patch_size_t": 1,
+                "qk_norm": "rms_norm_across_heads",
+            }},
+        },
+    },
 }
 
 

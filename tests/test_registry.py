@@ -22,7 +22,8 @@ from lorahub.base import load_base
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = ["llama-2-7b", "llama-3-8b", "llama-3.1-70b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b", "gemma-2-9b",
-            "phi-3-mini", "gpt2", "sd-1.5", "sdxl", "flux.1-dev"]
+            "phi-3-mini", "gpt2", "sd-1.5", "sdxl", "flux.1-dev", "flux.1-schnell", "sd3.5-large", "sd3.5-medium",
+            "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "qwen-image", "hunyuanvideo", "ltx-video"]
 
 
 def _build_script():
@@ -75,6 +76,15 @@ def test_required_manifests_with_sources():
     ("sdxl", "text_encoder_2.text_projection.weight", (1280, 1280)),
     ("flux.1-dev", "transformer.single_transformer_blocks.37.proj_mlp.weight", (12288, 3072)),
     ("flux.1-dev", "transformer.transformer_blocks.18.attn.add_q_proj.weight", (3072, 3072)),
+    # the diffusion transformers' diffusers folders (issue 12), from their published configs
+    ("flux.1-schnell", "transformer.single_transformer_blocks.37.proj_out.weight", (3072, 15360)),
+    ("sd3.5-large", "transformer.transformer_blocks.37.norm1_context.linear.weight", (4864, 2432)),
+    ("sd3.5-medium", "transformer.transformer_blocks.12.attn2.to_q.weight", (1536, 1536)),
+    ("wan2.1-t2v-1.3b", "transformer.blocks.29.ffn.net.0.proj.weight", (8960, 1536)),
+    ("wan2.1-t2v-14b", "transformer.blocks.39.attn2.to_k.weight", (5120, 5120)),
+    ("qwen-image", "transformer.transformer_blocks.59.img_mod.1.weight", (18432, 3072)),
+    ("hunyuanvideo", "transformer.single_transformer_blocks.39.proj_mlp.weight", (12288, 3072)),
+    ("ltx-video", "transformer.transformer_blocks.27.attn2.to_k.weight", (2048, 2048)),
 ])
 def test_manifest_shapes(name, tensor, shape):
     assert registry.load_manifest(name).shape(tensor) == shape

@@ -75,6 +75,7 @@ def render(info: dict, show_layers: bool = False) -> None:
         ("base model", info["base_model"] or "(not named in the file)"),
         ("modules", f"{info['modules']}" + (f"  ({', '.join(f'{k} ×{v}' for k, v in info['components'].items())})"
                                             if info["components"] else "")),
+        *([("model", f"{info['family']['label']} ({info['family']['naming']} names)")] if info.get("family") else []),
         ("rank", _dist(info, "rank_distribution")),
         ("alpha", _dist(info, "alpha_distribution")),
         ("scale", _dist(info, "scale_distribution")),

@@ -26,7 +26,14 @@ from .common import (
     read_layers_metadata,
     settle_fan_in_fan_out,
 )
-from .kohya_names import KOHYA_PREFIXES, kohya_name_fits, kohya_split_prefix, kohya_to_target, target_to_kohya
+from .kohya_names import (
+    KOHYA_PREFIXES,
+    family_targets,
+    kohya_name_fits,
+    kohya_split_prefix,
+    kohya_to_target,
+    target_to_kohya,
+)
 from .spec import Format
 
 NAME = "kohya"
@@ -66,8 +73,13 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
     metadata = source.metadata
     known = read_layers_metadata(metadata, path)
 
+    # a diffusion transformer's names resolved against its family's table (Flux, Wan, …), never guessed
+    modules = sorted({(_split(key) or (key.partition(".")[0], ""))[0] for key in source.keys()})
+    by_family, unknown, family = family_targets([m for m in modules if m not in known], metadata)
+
     def target_of(module: str) -> str:
-        """The module's target: lorahub's metadata where it fits the key names, else guessed from them."""
+        """The module's target: lorahub's metadata where it fits the key names, else the model family's
+        name for it, else guessed from them."""
         declared = known.get(module, {}).get("target")
         if "." in module:  # a dotted module path (ComfyUI's `diffusion_model.…`): the target, verbatim
             if declared not in (None, module):
@@ -75,7 +87,7 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
                                    "contradicts the keys", path=path)
             return module
         if declared is None:
-            return kohya_to_target(module)
+            return by_family.get(module) or kohya_to_target(module)
         if not isinstance(declared, str) or not kohya_name_fits(module, declared):
             raise LorahubError(f"{LAYERS_METADATA} maps module '{module}' to target {declared!r}, which is not "
                                "what its name flattens: the metadata contradicts the keys", path=path)
@@ -84,6 +96,9 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
     base_model = metadata.get("lorahub.base_model") or metadata.get("ss_sd_model_name") or \
         metadata.get("modelspec.architecture")
     adapter = Adapter(path=path, format=NAME, metadata=metadata, files=[path], base_model=base_model)
+    if unknown:
+        adapter.warnings.append(f"{len(unknown)} module(s) are not in {family}'s layout, their names are guessed "
+                                f"(e.g. '{unknown[0]}')")
     groups: dict[str, dict[str, str]] = {}
     for key in source.keys():
         split = _split(key)

@@ -108,7 +108,7 @@ def target_to_kohya(target: str, components: set[str | None], has_components: bo
         inferred = infer_component(target)
         component, rest = (inferred, target) if inferred else ("", target)
     if component in COMPONENTS and rest:
-        if component == "unet":
+        if component in ("unet", "transformer"):  # kohya and musubi-tuner name a DiT `lora_unet_` too
             prefix = "lora_unet_"
         elif component == "text_encoder":
             prefix = "lora_te1_" if "text_encoder_2" in components else "lora_te_"
@@ -120,6 +120,37 @@ def target_to_kohya(target: str, components: set[str | None], has_components: bo
             prefix = f"lora_{component}_"
         return prefix + rest.replace(".", "_")
     return "lora_" + target.replace(".", "_")
+
+
+# the prefixes kohya sd-scripts and musubi-tuner give a diffusion transformer's modules (Flux, SD3, Wan,
+# HunyuanVideo, Qwen-Image all train as `lora_unet_…`)
+DENOISER_PREFIXES = ("lora_unet_", "lora_transformer_")
+
+
+def family_targets(names: list[str], metadata: dict[str, str] | None = None) -> tuple[dict[str, str], list[str], str]:
+    """Targets of kohya names that a model family's table explains (`lora_unet_double_blocks_0_img_attn_qkv`
+    → `transformer.double_blocks.0.img_attn.qkv`): ({name: target}, names of the denoiser the table does
+    not know (given a `transformer.` target guessed from the vocabulary), the family's label); ({}, [], "")
+    when no family explains most denoiser names (SD 1.x/SDXL UNets keep the name guesser)."""
+    from ..families import detect_flat
+
+    flat = {}
+    for name in names:
+        prefix, rest = kohya_split_prefix(name)
+        if prefix in DENOISER_PREFIXES and rest:
+            flat[name] = rest
+    found = detect_flat(list(flat.values()), metadata)
+    if found is None or 2 * found.hits < len(flat):
+        return {}, [], ""
+    targets, unknown = {}, []
+    for name, rest in flat.items():
+        match = found.matches.get(rest)
+        if match is not None:
+            targets[name] = "transformer." + match.name
+        else:
+            targets[name] = "transformer." + guess_dotted(rest)
+            unknown.append(name)
+    return targets, unknown, found.label
 
 
 def kohya_name_fits(name: str, target: str) -> bool:

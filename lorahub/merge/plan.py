@@ -16,6 +16,7 @@ from typing import Sequence
 from ..adapter import ST_DTYPES, ST_ITEMSIZE, Adapter, LoraLayer
 from ..base import BaseModel, load_base
 from ..errors import CheckFailed, LorahubError, UnsupportedError
+from ..families import align_to_base
 from ..kinds import CONV1D, LINEAR
 from ..names import ModuleRef, base_conv1d, match_layers
 from ..storage import PICKLE_SUFFIXES, SafetensorsHeader, TensorInfo, build_header, read_header
@@ -169,6 +170,7 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
         if not (adapter.layers or adapter.full_tensors):
             raise LorahubError("no LoRA modules to merge", path=adapter.path)
         adapter.require_finite_alphas("merge")
+        adapter = align_to_base(adapter, layout.model)  # a family's other naming: fused ↔ split, exactly
         match = match_layers(adapter, layout.model)
         missing = list(match.missing) + list(match.full_missing)
         if missing:
