@@ -360,6 +360,19 @@ def test_comfyui_flux_to_kohya_writes_lora_unet_names_diffusers_reads_alike(tmp_
         torch.testing.assert_close(back.layers[target].delta_math(), source.layers[target].delta_math())
 
 
+
+@pytest.mark.parametrize("to", ["diffusers", "peft"])
+def test_comfyui_text_encoders_to_diffusers_or_peft_are_refused_not_dropped(tmp_path, to):
+    """diffusers/PEFT have no reader for ComfyUI's `text_encoders.clip_l.transformer.…` names: a converted file
+    would load those modules as nothing, so the conversion is refused with one line, and nothing is written."""
+    lora = _comfy_flux_lora(tmp_path / "comfy.safetensors", _FLUX_REAL, text=_CLIP_L, rank=2)
+    out = tmp_path / "out"
+    result = run_cli("convert", lora, "--to", to, "--out", out)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "text_encoders.clip_l.transformer.text_model" in result.stderr and "--to kohya" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["comfy.safetensors"]
+
 def _ldm_checkpoint(unet, clip, path: Path) -> Path:
     """An SD 1.x single-file checkpoint (`model.diffusion_model.<LDM>`, `cond_stage_model.transformer.…`) of
     a diffusers UNet and CLIP text model, checked with diffusers' own `convert_ldm_unet_checkpoint`."""
