@@ -37,6 +37,33 @@ CLIP_L = {  # openai/clip-vit-large-patch14 text tower, as shipped in SD 1.x and
     "projection_dim": 768, "torch_dtype": "float32", "vocab_size": 49408,
 }
 
+T5_XXL = {  # google/t5-v1_1-xxl encoder, as shipped in FLUX.1 text_encoder_2/ and SD3.5 text_encoder_3/
+    "architectures": ["T5EncoderModel"], "d_ff": 10240, "d_kv": 64, "d_model": 4096, "decoder_start_token_id": 0,
+    "dense_act_fn": "gelu_new", "dropout_rate": 0.1, "eos_token_id": 1, "feed_forward_proj": "gated-gelu",
+    "initializer_factor": 1.0, "is_encoder_decoder": True, "is_gated_act": True, "layer_norm_epsilon": 1e-06,
+    "model_type": "t5", "num_decoder_layers": 24, "num_heads": 64, "num_layers": 24, "output_past": True,
+    "pad_token_id": 0, "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32128,
+}
+CLIP_G = {  # laion CLIP-ViT-bigG text tower with projection, as in SDXL text_encoder_2/ and SD3.5
+    "architectures": ["CLIPTextModelWithProjection"], "attention_dropout": 0.0, "bos_token_id": 0,
+    "dropout": 0.0, "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 1280, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 5120, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+    "model_type": "clip_text_model", "num_attention_heads": 20, "num_hidden_layers": 32, "pad_token_id": 1,
+    "projection_dim": 1280, "torch_dtype": "float16", "vocab_size": 49408,
+}
+# the text encoders of FLUX.1 (CLIP-L, T5-XXL) and SD3.5 (CLIP-L and CLIP-G with projection, T5-XXL)
+_FLUX_TEXT = {
+    "text_encoder": {"class": "CLIPTextModel", "dtype": "BF16", "config": {**CLIP_L, "torch_dtype": "bfloat16"}},
+    "text_encoder_2": {"class": "T5EncoderModel", "dtype": "BF16", "config": T5_XXL},
+}
+_SD3_TEXT = {
+    "text_encoder": {"class": "CLIPTextModelWithProjection", "dtype": "F16", "config": {
+        **CLIP_L, "architectures": ["CLIPTextModelWithProjection"], "torch_dtype": "float16"}},
+    "text_encoder_2": {"class": "CLIPTextModelWithProjection", "dtype": "F16", "config": CLIP_G},
+    "text_encoder_3": {"class": "T5EncoderModel", "dtype": "F16", "config": {**T5_XXL, "torch_dtype": "float16"}},
+}
+
 MODELS: dict[str, dict[str, Any]] = {
     "llama-2-7b": {
         "repo_id": "meta-llama/Llama-2-7b-hf", "kind": "causal-lm", "aliases": ["llama2-7b"],
@@ -210,6 +237,7 @@ MODELS: dict[str, dict[str, Any]] = {
                 "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19,
                 "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768,
             }},
+            **_FLUX_TEXT,
         },
     },
     "flux.1-schnell": {
@@ -222,6 +250,7 @@ MODELS: dict[str, dict[str, Any]] = {
                 "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19,
                 "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768,
             }},
+            **_FLUX_TEXT,
         },
     },
     "sd3.5-large": {
@@ -235,6 +264,7 @@ MODELS: dict[str, dict[str, Any]] = {
                 "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
                 "qk_norm": "rms_norm", "sample_size": 128,
             }},
+            **_SD3_TEXT,
         },
     },
     "sd3.5-medium": {
@@ -249,6 +279,7 @@ MODELS: dict[str, dict[str, Any]] = {
                 "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
                 "sample_size": 128,
             }},
+            **_SD3_TEXT,
         },
     },
     "wan2.1-t2v-1.3b": {
@@ -395,6 +426,14 @@ def component_tensors(cls_name: str, config: dict) -> dict[str, tuple[int, ...]]
             cfg = transformers.CLIPTextConfig(**{k: v for k, v in config.items()
                                                  if k not in ("architectures", "model_type", "torch_dtype")})
             model = getattr(transformers, cls_name)(cfg)
+            state = _restore_removed_prefixes(model, model.state_dict())
+            return {name: tuple(tensor.shape) for name, tensor in state.items()}
+        elif cls_name == "T5EncoderModel":
+            import transformers
+
+            cfg = transformers.T5Config(**{k: v for k, v in config.items()
+                                           if k not in ("architectures", "model_type", "torch_dtype")})
+            model = transformers.T5EncoderModel(cfg)
             state = _restore_removed_prefixes(model, model.state_dict())
             return {name: tuple(tensor.shape) for name, tensor in state.items()}
         else:

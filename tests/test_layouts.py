@@ -373,6 +373,21 @@ def test_comfyui_text_encoders_to_diffusers_or_peft_are_refused_not_dropped(tmp_
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["comfy.safetensors"]
 
+
+def test_comfyui_flux_with_text_encoder_fits_the_flux_registry_entries(tmp_path):
+    """The FLUX.1 manifests hold the text encoders too (CLIP-L, T5-XXL), so a ComfyUI Flux file that trains
+    CLIP-L validates offline against flux.1-dev, and so does its `--to kohya` conversion; against another
+    model's entry it fails, naming the modules."""
+    lora = _comfy_flux_lora(tmp_path / "comfy.safetensors", _FLUX_REAL, text=_CLIP_L, rank=2)
+    for base in ("flux.1-dev", "flux.1-schnell"):
+        result = run_cli("validate", lora, "--base", base)
+        assert result.returncode == 0 and "9/9 modules" in result.stdout, result.stdout + result.stderr
+    run_cli("convert", lora, "--to", "kohya", "--out", tmp_path / "kohya.safetensors", check=True)
+    result = run_cli("validate", tmp_path / "kohya.safetensors", "--base", "flux.1-dev")
+    assert result.returncode == 0 and "9/9 modules" in result.stdout, result.stdout + result.stderr
+    wrong = run_cli("validate", lora, "--base", "sd3.5-large")
+    assert wrong.returncode == 1 and "diffusion_model.double_blocks.0.img_attn.qkv" in wrong.stdout
+
 def _ldm_checkpoint(unet, clip, path: Path) -> Path:
     """An SD 1.x single-file checkpoint (`model.diffusion_model.<LDM>`, `cond_stage_model.transformer.…`) of
     a diffusers UNet and CLIP text model, checked with diffusers' own `convert_ldm_unet_checkpoint`."""
