@@ -183,6 +183,8 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
                                 "tensor is a vector", kind="shape"))
         return problems
 
+    if layer.lycoris is not None:
+        return _check_lycoris(target, layer, shape, ref, base)
     linear = layer.geometry.name in ("linear", "conv1d")
     # the base decides the orientation (as PEFT does by the layer's type), never the adapter's flag
     decided = base_conv1d(layer, base, ref)
@@ -224,6 +226,30 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
             if layer.bias.numel != n_bias:
                 problems.append(Problem(target, f"bias [{n_bias}]", f"LoRA bias {list(layer.bias.shape)}",
                                         "bias length must equal the output features", kind="bias"))
+    return problems
+
+
+def _check_lycoris(target: str, layer: "LoraLayer", shape: tuple[int, ...], ref, base: "BaseModel") -> list[Problem]:
+    """A LyCORIS layer: the base shape its factor structure implies (Kronecker shapes for LoKr)."""
+    from .lycoris import fit_problem, magnitude_count
+
+    mod = layer.lycoris
+    assert mod is not None
+    problems: list[Problem] = []
+    problem = fit_problem(mod, shape)
+    if problem is not None:
+        return [Problem(layer.source_name or target, *problem, kind="shape")]
+    if layer.magnitude is not None and layer.magnitude.numel != magnitude_count(mod, shape):
+        axis = "output row" if mod.dora_on_out else "input channel"
+        problems.append(Problem(layer.source_name or target, f"DoRA scale with {magnitude_count(mod, shape)} entries "
+                                f"(one per {axis})", f"dora_scale {list(layer.magnitude.shape)}",
+                                "LyCORIS weight decomposition", kind="magnitude"))
+    if layer.bias is not None:
+        bias_shape = base.shape(ref.bias) if ref.bias is not None else None
+        if bias_shape is None or math.prod(bias_shape) != layer.bias.numel:
+            problems.append(Problem(layer.source_name or target, f"a bias of {mod.out_features} in the base layer",
+                                    f"bias delta {list(layer.bias.shape)}", "diff_b adds to the base bias",
+                                    kind="bias"))
     return problems
 
 

@@ -122,6 +122,21 @@ def kohya_dora_scale(layer: LoraLayer) -> torch.Tensor:
 COMPONENTS_METADATA = "lorahub.components"
 
 
+def peft_bias(layer: LoraLayer, path: Path | None) -> torch.Tensor:
+    """The `lora_B.bias` to write: PEFT adds it times the layer's scale. A bias delta that is added as it
+    is (`diff_b`) is written divided by the scale when that is exact (a power of two), else refused."""
+    assert layer.bias is not None
+    bias = layer.bias.load().contiguous()
+    if not layer.bias_unscaled or layer.scale == 1:
+        return bias
+    mantissa = math.frexp(abs(layer.scale))[0] if layer.scale else 0.0
+    if mantissa == 0.5:
+        return (bias.to(torch.float32) / layer.scale).to(bias.dtype)
+    raise LorahubError(f"the bias delta {layer.bias.key or layer.target} is added unscaled, but PEFT-style files "
+                       f"scale lora_B.bias by alpha/r = {layer.scale:g}; it cannot be written exactly (use --to "
+                       "kohya, which keeps it as diff_b)", path=path)
+
+
 def infer_component(target: str) -> str | None:
     """The diffusers component a bare module path belongs to (PEFT adapters saved on a UNet alone)."""
     head = target.split(".", 1)[0]

@@ -19,6 +19,7 @@ from .common import (
     layer_entry,
     looks_peft_style,
     lora_config_fields,
+    peft_bias,
     peft_magnitude,
     read_peft_style_file,
 )
@@ -91,7 +92,7 @@ def write(adapter: Adapter, out: Path) -> Path:
         if layer.magnitude is not None:
             tensors[f"{base}.lora_magnitude_vector"] = peft_magnitude(layer)
         if layer.bias is not None:
-            tensors[f"{base}.lora_B.bias"] = layer.bias.load().contiguous()
+            tensors[f"{base}.lora_B.bias"] = peft_bias(layer, adapter.path)
     if adapter.full_tensors:
         raise LorahubError("diffusers LoRA files cannot carry full replacement tensors (modules_to_save: "
                            f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)

@@ -19,6 +19,7 @@ from .common import (
     lora_config_fields,
     missing_partner,
     pattern_value,
+    peft_bias,
     peft_magnitude,
     read_peft_style_file,
     settle_fan_in_fan_out,
@@ -202,7 +203,7 @@ def write(adapter: Adapter, out: Path) -> Path:
         if layer.magnitude is not None:
             tensors[base + ".lora_magnitude_vector"] = peft_magnitude(layer)
         if layer.bias is not None:
-            tensors[base + ".lora_B.bias"] = layer.bias.load().contiguous()
+            tensors[base + ".lora_B.bias"] = peft_bias(layer, adapter.path)
     embedding_modules = {strip(layer.target) for layer in layers if layer.geometry is EMBEDDING}
     for name, tensor in adapter.full_tensors.items():
         module = strip(name).rsplit(".", 1)[0]

@@ -22,6 +22,7 @@ import torch
 
 from ..adapter import LazyTensor, LoraLayer
 from ..errors import LorahubError
+from .lycoris_ops import lycoris_add, lycoris_check_shape, lycoris_dora, lycoris_undora
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
@@ -78,6 +79,9 @@ def _math_view(weight: torch.Tensor, layer: LoraLayer) -> tuple[torch.Tensor, bo
 
 
 def _check_shape(weight: torch.Tensor, layer: LoraLayer, name: str) -> None:
+    if layer.lycoris is not None:
+        lycoris_check_shape(weight, layer, name)
+        return
     n, k = layer.out_features, layer.in_features
     expected = tuple(layer.base_shape)
     squeezed = tuple(d for d in weight.shape if d != 1) == tuple(d for d in expected if d != 1)
@@ -102,6 +106,9 @@ def _add_delta(weight: torch.Tensor, layer: LoraLayer, coeff: float, device: tor
     one GEMM with beta=1 (`addmm_`) gives the same bits with one pass over the weight instead of three;
     otherwise the product is formed in a scratch buffer, scaled and added, exactly as PEFT does.
     """
+    if layer.lycoris is not None:
+        lycoris_add(weight, layer, coeff, device)
+        return
     scale = coeff * layer.scale
     if scale == 0:
         return
@@ -183,7 +190,19 @@ def apply_ops(weight: torch.Tensor, ops: Sequence[Op], *, name: str = "",
             assert layer.bias is not None  # bias ops are planned only for layers with a LoRA bias
             target = weight[op.rows[0]:op.rows[1]] if op.rows else weight
             bias = layer.bias.load().to(device=device, dtype=torch.float32).reshape(target.shape)
-            target.add_(bias * (op.coeff * layer.scale))
+            target.add_(bias * (op.coeff * layer.bias_scale))
+        elif op.kind == "dora" and op.lora_layer.lycoris is not None:
+            if index > 0:
+                raise LorahubError("a LyCORIS DoRA module must be the only change to its base tensor in one merge",
+                                   key=name)
+            _check_shape(weight, op.lora_layer, name)
+            norm = lycoris_dora(weight, op.lora_layer, op.coeff, device)
+            if op.norm_key:
+                norms[op.norm_key] = norm
+        elif op.kind == "undora" and op.lora_layer.lycoris is not None:
+            assert op.norm is not None
+            _check_shape(weight, op.lora_layer, name)
+            lycoris_undora(weight, op.lora_layer, op.coeff, op.norm, device)
         elif op.kind == "dora":
             layer = op.lora_layer
             _check_shape(weight, layer, name)
