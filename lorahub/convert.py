@@ -8,6 +8,7 @@ from typing import Any
 from .adapter import Adapter
 from .errors import LorahubError
 from .formats import save_adapter
+from .lycoris import lycoris_for_writing
 
 
 def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_full_tensors: bool = False,
@@ -15,12 +16,13 @@ def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_f
     """Write `adapter` at `out` in `to_format` (under lorahub.output's policy; `overwrite` replaces an
     earlier lorahub output)."""
     adapter.require_lora("convert")
+    lycoris_warnings = lycoris_for_writing(adapter, "convert")
     if not adapter.layers:
         raise LorahubError("no LoRA modules to convert", path=adapter.path)
     if adapter.is_dora and to_format == "diffusers":
         raise LorahubError("diffusers drops DoRA magnitudes when loading; converting would silently change "
                            "the adapter (use --to peft or --to kohya)", path=adapter.path)
-    warnings = list(adapter.warnings)
+    warnings = list(adapter.warnings) + lycoris_warnings
     if adapter.full_tensors and to_format != "peft":
         if not drop_full_tensors:
             raise LorahubError(f"{to_format} files cannot carry full tensors "

@@ -6,13 +6,15 @@ orientation. The layer's A and B are `ComputedTensor`s: the factors of an EXACT 
 factorisation of the same ΔW (docs/lycoris.md states and proves each identity), computed on demand and
 never the dense ΔW, so validate, convert, resize and blend work on LyCORIS layers unchanged:
 
-| algorithm | ΔW (LyCORIS forward, math view n×k)        | exact LoRA factors B (n×R), A (R×k)                     | R      |
-| --------- | ------------------------------------------ | ------------------------------------------------------- | ------ |
-| loha      | s·(W1a·W1b) ⊙ (W2a·W2b)                    | B = W1a ⊙ᵣ W2a (face-splitting), A = W1b ⊙꜀ W2b (Khatri–Rao) | r1·r2  |
-| loha+tucker | s·R1 ⊙ R2, Rᵢ[o,n,x] = Σ tᵢ[a,b,x]·wᵢa[a,o]·wᵢb[b,n] | Bᵢ = wᵢaᵀ, Aᵢ[a,(n,x)] = Σ_b tᵢ[a,b,x]·wᵢb[b,n], then as loha | r1·r2 |
-| lokr      | s·kron(W1, W2), W = U·V per side            | B = kron(U1, U2), A = kron(V1, V2)                      | ρ1·ρ2  |
-| locon+tucker | s·Σ mid[a,b,x]·up[o,a]·down[b,n]          | B = up, A[a,(n,x)] = Σ_b mid[a,b,x]·down[b,n]           | r      |
-| full      | diff                                        | B = diff, A = I (or B = I, A = diff)                    | min(n,k) |
+- loha: ΔW = s·(W1a·W1b) ⊙ (W2a·W2b) = s·B·A with B = W1a ⊙ᵣ W2a (row-wise Khatri–Rao, "face-splitting")
+  and A = W1b ⊙꜀ W2b (column-wise Khatri–Rao); R = r1·r2. With Tucker cores (k×k convs), each half is
+  Bᵢ·Aᵢ with Bᵢ = wᵢaᵀ and Aᵢ[a, (n, x)] = Σ_b tᵢ[a, b, x]·wᵢb[b, n], then as above.
+- lokr: ΔW = s·kron(W1, W2) = s·kron(U1, U2)·kron(V1, V2) for any exact splits Wᵢ = Uᵢ·Vᵢ (the stored
+  w_a/w_b pair; (I, W) or (W, I) for a full side, no rounding); R = ρ1·ρ2. A conv's W2 is flattened
+  to (b, d·kh·kw), which is exactly the base's column order.
+- locon with a Tucker mid: ΔW = s·Σ mid[a, b, x]·up[o, a]·down[b, n]: B = up, A[a, (n, x)] =
+  Σ_b mid[a, b, x]·down[b, n]; R = r.
+- full: ΔW = diff: B = diff, A = I (or B = I, A = diff); R = min(n, k).
 
 Merging does not use these factors: it forms ΔW in LyCORIS's own order of operations (`dense_delta`)
 and adds it, so a merge equals what LyCORIS's forward pass applies. Nothing here knows file key names
@@ -177,8 +179,8 @@ def plan(algo: str, shapes: dict[str, Shape], alpha: float | None, module: str) 
             d, kernel = w2b[1], tuple(w2b[2:])
             rho2 = r
         # LyCORIS: scale = alpha / dim of the decomposed side; both sides full: scale 1, alpha ignored
-        dim = shapes["w1b"][0] if "w1b" in shapes else shapes["w2b"][0] if "w2b" in shapes else None
-        scale = 1.0 if dim is None or alpha is None else alpha / dim
+        decomposed = shapes["w1b"][0] if "w1b" in shapes else shapes["w2b"][0] if "w2b" in shapes else None
+        scale = 1.0 if decomposed is None or alpha is None else alpha / decomposed
         in_shape = (c * d, *kernel) if kernel else (c * d,)
         return a * b, in_shape, scale, rho1 * rho2
     if algo == "locon":
@@ -323,7 +325,7 @@ def _lokr_u2(mod: LycorisModule, device) -> torch.Tensor:
     if "w2" in mod.tensors:
         return _split_full(_lokr_w2_full(mod, device))[0]
     if "t2" in mod.tensors:
-        return mod.load("w2a", device).T
+        return mod.load("w2a", device).T.contiguous()
     return mod.load("w2a", device)
 
 
@@ -377,10 +379,10 @@ def resolve_with_base(adapter, base) -> list[str]:
         mod = layer.lycoris
         if mod is None or not mod.flattened or mod.resolved or target not in match.refs:
             continue
-        shape = base.shape(match.refs[target].weight) or ()
+        shape: Shape = tuple(base.shape(match.refs[target].weight) or ())
         if len(shape) < 2 or shape[0] != mod.out_features or math.prod(shape[1:]) != mod.in_features:
             continue
-        conv = len(shape) > 2 and any(d != 1 for d in shape[2:])
+        conv = len(shape) > 2  # a 1×1 convolution too: kohya and diffusers want 4-D conv factors there
         new = dataclasses.replace(mod, in_shape=tuple(shape[1:]) if conv else mod.in_shape, resolved=True)
         a, b = factor_tensors(new, conv)
         adapter.layers[target] = dataclasses.replace(layer, kind="conv" if conv else layer.kind, A=a, B=b,
@@ -416,3 +418,26 @@ def fit_problem(mod: LycorisModule, base_shape: Shape) -> tuple[str, str, str] |
 def magnitude_count(mod: LycorisModule, base_shape: Shape) -> int:
     """How many DoRA magnitudes the base weight wants: one per output row, or per input channel."""
     return base_shape[0] if mod.dora_on_out else base_shape[1]
+
+
+def lycoris_for_writing(adapter, operation: str) -> list[str]:
+    """Checks before LyCORIS layers are written as plain LoRA layers; returns the warnings to show.
+    Refused: flattened factors without a base (kernel unknown), DoRA per input channel (PEFT, kohya and
+    diffusers DoRA norm per output row)."""
+    require_resolved(adapter.layers, operation, adapter.path)
+    lyco = [layer for layer in adapter.layers.values() if layer.lycoris is not None]
+    for layer in lyco:
+        mod = layer.lycoris
+        if layer.magnitude is not None and not mod.dora_on_out:
+            raise LorahubError(f"{operation}: LyCORIS module '{layer.source_name or layer.target}' uses DoRA per "
+                               "input channel (wd_on_out=False); PEFT, kohya and diffusers DoRA norm per output "
+                               "row, so no plain LoRA file carries it", path=adapter.path)
+    if not lyco:
+        return []
+    algos = sorted({layer.lycoris.algo for layer in lyco})
+    warnings = [f"{len(lyco)} LyCORIS {'/'.join(algos)} module(s) written as plain LoRA factors of exactly the "
+                f"same ΔW (fp32, rank up to {max(layer.rank for layer in lyco)})"]
+    if any(layer.magnitude is not None for layer in lyco):
+        warnings.append("LyCORIS DoRA (wd_on_out) kept as DoRA magnitudes: PEFT's norm has no eps and a "
+                        "weight c ≠ 1 rescales differently than LyCORIS's multiplier")
+    return warnings

@@ -25,9 +25,9 @@ from .common import (
     read_layers_metadata,
     settle_fan_in_fan_out,
 )
+from .kohya_names import KOHYA_PREFIXES, kohya_name_fits, kohya_split_prefix, kohya_to_target, target_to_kohya
 from .lycoris_read import build_layer, dora_orientation, plain_lora_with_input_dora
 from .lycoris_read import split as lycoris_split
-from .kohya_names import KOHYA_PREFIXES, kohya_name_fits, kohya_split_prefix, kohya_to_target, target_to_kohya
 from .spec import Format
 
 NAME = "kohya"
