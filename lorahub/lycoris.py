@@ -412,7 +412,8 @@ def fit_problem(mod: LycorisModule, base_shape: Shape) -> tuple[str, str, str] |
         hint += f"; the base has {math.prod(shape[1:])} input features per output"
     if shape and shape[0] != n:
         hint += f"; the base has {shape[0]} outputs"
-    return f"W {implied}" + (" (flattened: any kernel)" if mod.flattened else ""), mod.describe(), hint
+    wants = f"ΔW {shape[0]}×{math.prod(shape[1:])} (W {list(shape)})" if len(shape) >= 2 else f"W {list(shape)}"
+    return wants, f"{mod.describe()} → ΔW {implied}", hint
 
 
 def magnitude_count(mod: LycorisModule, base_shape: Shape) -> int:
