@@ -28,7 +28,6 @@ import statistics
 import time
 
 import torch
-
 from common import fmt_s, print_cpu_model  # noqa: F401  (puts the repository root on sys.path)
 
 from lorahub.adapter import Adapter, LazyTensor, LoraLayer
