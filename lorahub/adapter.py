@@ -272,6 +272,9 @@ class Adapter:
     # full tensors that replace base tensors (PEFT modules_to_save, bias="all"), keyed by the base
     # tensor name (e.g. "lm_head.weight", "score.weight")
     full_tensors: dict[str, LazyTensor] = field(default_factory=dict)
+    # tensors ADDED to base tensors (LyCORIS/Wan `diff`/`diff_b` on norm weights and biases), keyed
+    # `<module target>.weight` / `.bias`; `LazyTensor.key` is the file's key
+    delta_tensors: dict[str, LazyTensor] = field(default_factory=dict)
     base_model: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # PEFT config as read (unknown keys kept)
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
@@ -304,7 +307,7 @@ class Adapter:
     @property
     def num_params(self) -> int:
         return sum(layer.num_params for layer in self.layers.values()) + sum(
-            t.numel for t in self.full_tensors.values())
+            t.numel for t in self.full_tensors.values()) + sum(t.numel for t in self.delta_tensors.values())
 
     @property
     def name(self) -> str:

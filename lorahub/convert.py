@@ -17,7 +17,7 @@ def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_f
     earlier lorahub output)."""
     adapter.require_lora("convert")
     lycoris_warnings = lycoris_for_writing(adapter, "convert")
-    if not adapter.layers:
+    if not (adapter.layers or adapter.delta_tensors):
         raise LorahubError("no LoRA modules to convert", path=adapter.path)
     if adapter.is_dora and to_format == "diffusers":
         raise LorahubError("diffusers drops DoRA magnitudes when loading; converting would silently change "
@@ -37,7 +37,8 @@ def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_f
     if any(layer.use_rslora for layer in adapter.layers.values()) and to_format != "peft":
         warnings.append("rsLoRA scales were re-expressed as alpha = scale·rank (same effective scale)")
     path = save_adapter(adapter, out, to_format, overwrite=overwrite)
-    return {"from": adapter.format, "to": to_format, "out": str(path), "modules": len(adapter.layers),
+    return {"from": adapter.format, "to": to_format, "out": str(path),
+            "modules": len(adapter.layers) + len(adapter.delta_tensors),
             "warnings": warnings}
 
 

@@ -100,7 +100,7 @@ def scan_nonfinite(adapter: Adapter) -> list[dict[str, Any]]:
         # a LyCORIS layer's A and B are computed from its stored factors: scan those
         factors = list(layer.lycoris.tensors.values()) if layer.lycoris is not None else [layer.A, layer.B]
         tensors += factors + [t for t in (layer.magnitude, layer.bias) if t is not None]
-    tensors += list(adapter.full_tensors.values())
+    tensors += list(adapter.full_tensors.values()) + list(adapter.delta_tensors.values())
     found: dict[int, dict[str, Any]] = {}
 
     def check(index: int, value: torch.Tensor) -> None:
@@ -207,6 +207,7 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
         "rslora": adapter.use_rslora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
         "modules_to_save": sorted(adapter.full_tensors),
+        "delta_tensors": sorted(t.key or name for name, t in adapter.delta_tensors.items()),
         "lycoris": dict(Counter([layer.lycoris.algo for layer in layers if layer.lycoris is not None]
                                 + list(adapter.other_modules.values()))),
         "unclaimed_keys": adapter.extra_keys,

@@ -99,7 +99,7 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
     problems: list[Problem] = []
     warnings: list[str] = []
     matched = 0
-    if not (adapter.layers or adapter.full_tensors or adapter.other_modules):
+    if not (adapter.layers or adapter.full_tensors or adapter.other_modules or adapter.delta_tensors):
         problems.append(Problem(adapter.name, "at least one LoRA module", "no modules",
                                 "an adapter of zero modules changes nothing", kind="no_modules"))
 
@@ -124,6 +124,19 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
         else:
             problems.append(problem)
 
+    for name, tensor in adapter.delta_tensors.items():
+        base_name = match.deltas.get(name)
+        base_shape = base.shape(base_name) if base_name else None
+        if base_shape is None:
+            problems.append(Problem(tensor.key or name, f"a base tensor {name}", f"{list(tensor.shape)}",
+                                    "a diff/diff_b delta adds to a base tensor; the base has none here",
+                                    kind="missing"))
+        elif tuple(base_shape) != tuple(tensor.shape):
+            problems.append(Problem(tensor.key or name, f"{list(base_shape)} ({base_name})", f"{list(tensor.shape)}",
+                                    "a diff/diff_b delta has the shape of the tensor it adds to", kind="shape"))
+        else:
+            matched += 1
+
     for target in match.other_missing:
         problems.append(Problem(target, "a module of that name in the base", "no such module",
                                 "LyCORIS module has no target in the base", kind="missing"))
@@ -143,7 +156,7 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
 
     problems.sort(key=lambda p: (SEVERITIES.index(p.severity), _natural_key(p.module)))
     ok = not any(p.severity == "error" for p in problems)
-    total = len(adapter.layers) + len(adapter.full_tensors)
+    total = len(adapter.layers) + len(adapter.full_tensors) + len(adapter.delta_tensors)
     report = ValidationReport(adapter=adapter.name, base=base.display_name, ok=ok, modules=total,
                               matched=matched, problems=problems, warnings=warnings, max_rank=max_rank,
                               name_rule=match.rule)

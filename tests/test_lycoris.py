@@ -402,11 +402,34 @@ def test_diff_b_goes_to_peft_when_exact(tiny_unet_dir, tmp_path):
     assert layer.bias is not None and torch.equal(layer.bias.load() * layer.scale, diff_b)
 
 
-def test_vector_diffs_are_refused_not_dropped(tiny_unet_dir, tmp_path):
+def test_vector_diffs_are_applied_carried_or_refused(tiny_unet_dir, tmp_path):
+    """`diff`/`diff_b` on a norm layer (Wan LoRAs, LyCORIS full on norms): added to the base weight and
+    bias by merge and unmerge, written back by --to kohya, refused by --to peft naming the tensor."""
     path = tmp_path / "norm.safetensors"
     name = "lora_unet_down_blocks_0_attentions_0_norm"
-    save_file({f"{name}.diff": torch.randn(32), f"{name}.diff_b": torch.randn(32)}, str(path))
+    torch.manual_seed(5)
+    diff, diff_b = torch.randn(32), torch.randn(32)
+    save_file({f"{name}.diff": diff, f"{name}.diff_b": diff_b}, str(path))
+    result = run_cli("inspect", path, "--json")
+    assert result.returncode == 0 and f"{name}.diff" in result.stdout
     result = run_cli("merge", "--base", tiny_unet_dir, path, "-o", tmp_path / "m")
-    assert result.returncode == 1 and "full" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "m").exists()
+    assert result.returncode == 0, result.stderr
+    base = load_file(str(tiny_unet_dir / BASE_FILE))
+    merged = load_file(str(tmp_path / "m" / BASE_FILE))
+    key = "down_blocks.0.attentions.0.norm"
+    assert torch.equal(merged[key + ".weight"], base[key + ".weight"] + diff)
+    assert torch.equal(merged[key + ".bias"], base[key + ".bias"] + diff_b)
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert sorted(changed) == [key + ".bias", key + ".weight"]
+    result = run_cli("unmerge", "--base", tmp_path / "m", path, "-o", tmp_path / "u")
+    assert result.returncode == 0, result.stderr
+    back = load_file(str(tmp_path / "u" / BASE_FILE))
+    assert torch.allclose(back[key + ".weight"], base[key + ".weight"], atol=1e-6)
+    adapter = load_adapter(path)
+    convert_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    written = load_file(str(tmp_path / "k.safetensors"))
+    assert torch.equal(written[f"{name}.diff"], diff) and torch.equal(written[f"{name}.diff_b"], diff_b)
+    with pytest.raises(LorahubError, match=f"{name}.diff"):
+        convert_adapter(adapter, tmp_path / "p", "peft")
+    assert not (tmp_path / "p").exists()
     shutil.rmtree(tmp_path / "m", ignore_errors=True)

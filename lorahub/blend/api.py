@@ -160,6 +160,10 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_base_mismatch: bool =
     for adapter in adapters:
         adapter.require_lora("blend")
         require_resolved(adapter.layers, "blend", adapter.path)
+        if adapter.delta_tensors:
+            raise UnsupportedError(f"blend does not weight diff/diff_b deltas on vectors (e.g. "
+                                   f"{next(iter(adapter.delta_tensors.values())).key}); merge the adapters instead",
+                                   path=adapter.path)
         dora = [t for t, layer in adapter.layers.items() if layer.is_dora]
         if dora:
             raise UnsupportedError(

@@ -85,6 +85,9 @@ def render(info: dict, show_layers: bool = False) -> None:
     ]
     if info["modules_to_save"]:
         rows.append(("full tensors", ", ".join(info["modules_to_save"])))
+    if info["delta_tensors"]:
+        rows.append(("diff deltas", f"{len(info['delta_tensors'])} added to base tensors as they are (e.g. "
+                     f"{info['delta_tensors'][0]})"))
     if info["lycoris"]:
         bounds = [entry["rank_bound"] for entry in info["layers"] if "rank_bound" in entry]
         supported = {entry["algorithm"] for entry in info["layers"] if "algorithm" in entry}

@@ -122,6 +122,16 @@ def kohya_dora_scale(layer: LoraLayer) -> torch.Tensor:
 COMPONENTS_METADATA = "lorahub.components"
 
 
+def refuse_delta_tensors(adapter: Adapter, format_name: str) -> None:
+    """PEFT-style files have no tensor that is added to a base tensor as it is (`diff`/`diff_b` on a norm
+    weight or bias): refuse, naming them, rather than drop them."""
+    if adapter.delta_tensors:
+        keys = [tensor.key or name for name, tensor in adapter.delta_tensors.items()]
+        raise LorahubError(f"{format_name} files cannot carry the diff/diff_b deltas {', '.join(keys[:3])}"
+                           + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "") + "; use --to kohya",
+                           path=adapter.path)
+
+
 def peft_bias(layer: LoraLayer, path: Path | None) -> torch.Tensor:
     """The `lora_B.bias` to write: PEFT adds it times the layer's scale. A bias delta that is added as it
     is (`diff_b`) is written divided by the scale when that is exact (a power of two), else refused."""

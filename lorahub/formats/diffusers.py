@@ -22,6 +22,7 @@ from .common import (
     peft_bias,
     peft_magnitude,
     read_peft_style_file,
+    refuse_delta_tensors,
 )
 from .spec import Format
 
@@ -62,6 +63,7 @@ def write(adapter: Adapter, out: Path) -> Path:
     what diffusers' `load_lora_weights` reads for PEFT-style files: every layer keeps its exact scale.
     Adapters without components (a transformers model's LoRA) carry a 0-d `<target>.alpha` instead."""
     adapter.require_lora("writing diffusers format")
+    refuse_delta_tensors(adapter, "diffusers")
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
     keyed = {layer.target: layer for layer in adapter.layers.values()}

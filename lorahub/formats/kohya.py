@@ -104,11 +104,14 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         if list(algos) == ["full"] and "diff" not in algos["full"] and "down" in keys:
             keys["diff_b"] = algos["full"]["diff_b"]  # a LoRA module's bias delta (Wan)
             continue
-        if list(algos) == ["full"] and "diff" not in algos["full"] or \
-                "diff" in algos.get("full", {}) and len(source.shape(algos["full"]["diff"])) < 2:
-            # a vector delta (a norm's weight or bias): no layer to carry it; operations refuse the module
-            adapter.other_modules[target_of(module)] = "full"
-            del groups[module]
+        if list(algos) == ["full"] and ("diff" not in algos["full"] or len(source.shape(algos["full"]["diff"])) < 2):
+            # vector deltas (a norm's weight, a bias): added to the base tensor as they are
+            if any(label in keys for label in ("down", "up")):
+                raise LorahubError(f"module '{module}' has a vector diff and lora_down/lora_up", path=path)
+            for role, key in algos["full"].items():
+                adapter.delta_tensors[f"{target_of(module)}.{'weight' if role == 'diff' else 'bias'}"] = \
+                    source.lazy(key)
+            adapter.extra_keys.extend(groups.pop(module).values())  # an alpha, if any: no scale applies
             continue
         target = target_of(module)
         if target in adapter.layers:
@@ -156,7 +159,8 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         adapter.has_components = bool(modules) and all(
             kohya_split_prefix(module)[0] in KOHYA_PREFIXES for module in modules)
     settle_fan_in_fan_out(adapter)
-    if adapter.other_modules or any(layer.lycoris is not None for layer in adapter.layers.values()):
+    if adapter.other_modules or adapter.delta_tensors or \
+            any(layer.lycoris is not None for layer in adapter.layers.values()):
         adapter.format = "lycoris"
     return adapter
 
@@ -185,6 +189,13 @@ def write(adapter: Adapter, out: Path) -> Path:
         if layer.bias is not None:
             tensors[f"{name}.diff_b" if layer.bias_unscaled else f"{name}.lora_up.bias"] = \
                 layer.bias.load().contiguous()
+    for name, tensor in adapter.delta_tensors.items():  # diff/diff_b deltas on vectors, as LyCORIS writes them
+        target, _, role = name.rpartition(".")
+        key = tensor.key if tensor.key and tensor.key.endswith((".diff", ".diff_b")) else \
+            f"{target_to_kohya(target, components, adapter.has_components)}.{'diff' if role == 'weight' else 'diff_b'}"
+        if key in tensors:
+            raise LorahubError(f"two tensors map to the kohya key '{key}'", path=adapter.path)
+        tensors[key] = tensor.load().contiguous()
     if adapter.full_tensors:
         raise LorahubError("kohya files cannot carry full replacement tensors (modules_to_save: "
                            f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)

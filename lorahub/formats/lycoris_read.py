@@ -68,8 +68,13 @@ def build_layer(path: Path, source: TensorSource, module: str, target: str, algo
         if "down" not in lora_keys or "up" not in lora_keys:
             raise LorahubError(f"module '{module}' has a Tucker lora_mid but no lora_down/lora_up", path=path)
         roles.update(down=lora_keys["down"], up=lora_keys["up"])
-    elif algo != "full" and ("down" in lora_keys or "up" in lora_keys):
+    elif "down" in lora_keys or "up" in lora_keys:
         raise LorahubError(f"module '{module}' has both {algo} factors and lora_down/lora_up", path=path)
+    used = {"alpha", "dora"} | ({"down", "up"} if algo == "locon" else set())
+    unused = sorted(key for label, key in lora_keys.items() if label not in used)
+    if unused:
+        raise LorahubError(f"LyCORIS {algo} module '{module}' also has {', '.join(unused)}, which LyCORIS does not "
+                           "apply with it", path=path)
     diff_b = algos.get("full", {}).get("diff_b")
     roles.pop("diff_b", None)
     if "t1" in roles and algo == "lokr":

@@ -22,6 +22,7 @@ from .common import (
     peft_bias,
     peft_magnitude,
     read_peft_style_file,
+    refuse_delta_tensors,
     settle_fan_in_fan_out,
 )
 from .spec import Format
@@ -165,6 +166,7 @@ def _qualify(component: str | None, name: str) -> str:
 
 def write(adapter: Adapter, out: Path) -> Path:
     """Write a PEFT directory that PEFT itself loads; out is the directory."""
+    refuse_delta_tensors(adapter, "PEFT")
     components = {component_of(t) for t in list(adapter.layers) + list(adapter.full_tensors)} \
         if adapter.has_components else {None}
     if len(components) > 1:

@@ -4,7 +4,8 @@
 | -------- | ---------------------------------------------------------------------------------------- |
 | add      | `W += c·s·B₂A₂` in the base layout (Conv1D / embedding: transposed; conv: reshaped)       |
 | dora     | `W ← (m / ‖W₀ + c·ΔW‖_row) ⊙ (W + c·ΔW)`; the row norm is recorded for unmerge             |
-| bias     | `b += c·s·bias` (lora_bias)                                                              |
+| bias     | `b += c·s·bias` (lora_bias), or `b += c·bias` for an unscaled `diff_b` bias delta        |
+| add_tensor | `W += c·T`: a LyCORIS/Wan `diff`/`diff_b` delta on a vector (norm weight, bias)         |
 | replace  | `W ← T` (modules_to_save), or `W + c·(T − W)` for a weight c ≠ 1                          |
 | undora   | `W ← W / (m / n_recorded) − c·ΔW`                                                       |
 | restore  | the recorded original bytes, bit-exact                                                   |
@@ -31,7 +32,7 @@ FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 class Op:
     """One change to one base tensor (see the module docstring)."""
 
-    kind: str  # add | dora | bias | replace | undora | restore
+    kind: str  # add | dora | bias | add_tensor | replace | undora | restore
     coeff: float = 1.0
     layer: LoraLayer | None = None
     tensor: LazyTensor | None = None  # replace: the new value
@@ -227,6 +228,13 @@ def apply_ops(weight: torch.Tensor, ops: Sequence[Op], *, name: str = "",
             norm = op.norm.to(device=device, dtype=torch.float32).reshape(-1)
             _math_view(weight, layer)[0].div_((magnitude / norm).unsqueeze(1))
             _add_delta(weight, layer, -op.coeff, device, workspace)
+        elif op.kind == "add_tensor":  # a diff/diff_b delta added as it is (times the weight)
+            assert op.tensor is not None
+            value = op.tensor.load().to(device=device, dtype=torch.float32)
+            if value.numel() != weight.numel():
+                raise LorahubError(f"delta has shape {list(value.shape)} but the base tensor is {list(weight.shape)}",
+                                   key=name)
+            weight.add_(value.reshape(weight.shape) if op.coeff == 1 else value.reshape(weight.shape) * op.coeff)
         elif op.kind in ("replace", "restore"):
             assert op.tensor is not None  # replace/restore ops are always built with their new value
             value = op.tensor.load().to(device=device)

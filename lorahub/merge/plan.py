@@ -166,11 +166,11 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
 
     for index, item in enumerate(inputs):
         adapter = item.adapter
-        if not (adapter.layers or adapter.full_tensors):
+        if not (adapter.layers or adapter.full_tensors or adapter.delta_tensors):
             raise LorahubError("no LoRA modules to merge", path=adapter.path)
         adapter.require_finite_alphas("merge")
         match = match_layers(adapter, layout.model)
-        missing = list(match.missing) + list(match.full_missing)
+        missing = list(match.missing) + list(match.full_missing) + list(match.delta_missing)
         if missing:
             raise LorahubError(f"{len(missing)} adapter module(s) have no weight in the base, e.g. "
                                f"'{missing[0]}' (run `lorahub validate`)", path=adapter.path)
@@ -180,6 +180,9 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
             storage = ST_DTYPES[plan.file.header.tensors[plan.key].dtype]
             plan.ops.append(Op("replace", item.weight, tensor=tensor, adapter_index=index, storage_dtype=storage))
             plan.keep_original = True
+        for name, tensor in adapter.delta_tensors.items():  # diff/diff_b on vectors: W += c·T
+            plan_for(match.deltas[name], item).ops.append(Op("add_tensor", item.weight, tensor=tensor,
+                                                             adapter_index=index))
         flipped: dict[bool, list[str]] = {True: [], False: []}
         for target, given in adapter.layers.items():
             ref = match.refs[target]
