@@ -442,3 +442,23 @@ def lycoris_for_writing(adapter, operation: str) -> list[str]:
         warnings.append("LyCORIS DoRA (wd_on_out) kept as DoRA magnitudes: PEFT's norm has no eps and a "
                         "weight c ≠ 1 rescales differently than LyCORIS's multiplier")
     return warnings
+
+
+def delta_base_names(adapter, base) -> dict[str, str | None]:
+    """The base tensor each `diff`/`diff_b` delta on a vector adds to (`adapter.delta_tensors`, keyed
+    `<module target>.weight|bias`), or None: the module is found as `names.match_layers` finds LyCORIS
+    modules, its bias beside its weight."""
+    from .adapter import Adapter
+    from .names import match_layers
+
+    targets = {name.rpartition(".")[0] for name in adapter.delta_tensors}
+    probe = Adapter(path=adapter.path, format=adapter.format, other_modules=dict.fromkeys(targets, "full"),
+                    has_components=adapter.has_components)
+    match = match_layers(probe, base)
+    found: dict[str, str | None] = {}
+    for name in adapter.delta_tensors:
+        target, _, role = name.rpartition(".")
+        weight = match.other.get(target)
+        tensor = weight if role == "weight" or weight is None else weight.removesuffix("weight") + "bias"
+        found[name] = tensor if tensor is not None and base.shape(tensor) is not None else None
+    return found

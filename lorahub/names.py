@@ -79,8 +79,6 @@ class NameMatch:
     full_missing: list[str] = field(default_factory=list)
     other: dict[str, str] = field(default_factory=dict)  # LyCORIS module target -> base weight tensor name
     other_missing: list[str] = field(default_factory=list)
-    deltas: dict[str, str] = field(default_factory=dict)  # adapter delta tensor (`<target>.weight|bias`) -> base tensor
-    delta_missing: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)  # target -> candidate modules (kept first)
     rule: str | None = None  # prefix rule applied to dotted names, e.g. "strip 'transformer.'"
 
@@ -201,27 +199,15 @@ def match_layers(adapter: "Adapter", base: "BaseModel") -> NameMatch:
         else:
             result.full_tensors[name] = found
 
-    def module_ref(target: str) -> ModuleRef | None:
+    for target in getattr(adapter, "other_modules", {}) or {}:
         ref = index.modules.get(target) or _first(index.flat.get(_flatten_with_component(target), []), index)
         if ref is None and rule is not None:
             module = _apply_rule(rule, target)
             ref = index.modules.get(module) if module else None
-        return ref
-
-    for target in getattr(adapter, "other_modules", {}) or {}:
-        ref = module_ref(target)
         if ref is None:
             result.other_missing.append(target)
         else:
             result.other[target] = ref.weight
-    for name in getattr(adapter, "delta_tensors", {}) or {}:  # `<module target>.weight` / `.bias`
-        target, _, role = name.rpartition(".")
-        ref = module_ref(target)
-        tensor = None if ref is None else ref.weight if role == "weight" else ref.bias
-        if tensor is None:
-            result.delta_missing.append(name)
-        else:
-            result.deltas[name] = tensor
     return result
 
 

@@ -95,6 +95,8 @@ class ValidationReport:
 def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = None,
              suggest: bool = True) -> ValidationReport:
     """Check every module of `adapter` against the shapes of `base` (headers only)."""
+    from .lycoris import delta_base_names
+
     match = match_layers(adapter, base)
     problems: list[Problem] = []
     warnings: list[str] = []
@@ -124,8 +126,9 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
         else:
             problems.append(problem)
 
+    deltas = delta_base_names(adapter, base) if adapter.delta_tensors else {}
     for name, tensor in adapter.delta_tensors.items():
-        base_name = match.deltas.get(name)
+        base_name = deltas[name]
         base_shape = base.shape(base_name) if base_name else None
         if base_shape is None:
             problems.append(Problem(tensor.key or name, f"a base tensor {name}", f"{list(tensor.shape)}",

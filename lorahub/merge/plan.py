@@ -17,6 +17,7 @@ from ..adapter import ST_DTYPES, ST_ITEMSIZE, Adapter, LoraLayer
 from ..base import BaseModel, load_base
 from ..errors import CheckFailed, LorahubError, UnsupportedError
 from ..kinds import CONV1D, LINEAR
+from ..lycoris import delta_base_names
 from ..names import ModuleRef, base_conv1d, match_layers
 from ..storage import PICKLE_SUFFIXES, SafetensorsHeader, TensorInfo, build_header, read_header
 from ..validate import validate
@@ -170,7 +171,8 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
             raise LorahubError("no LoRA modules to merge", path=adapter.path)
         adapter.require_finite_alphas("merge")
         match = match_layers(adapter, layout.model)
-        missing = list(match.missing) + list(match.full_missing) + list(match.delta_missing)
+        deltas = delta_base_names(adapter, layout.model) if adapter.delta_tensors else {}
+        missing = list(match.missing) + list(match.full_missing) + [n for n, t in deltas.items() if t is None]
         if missing:
             raise LorahubError(f"{len(missing)} adapter module(s) have no weight in the base, e.g. "
                                f"'{missing[0]}' (run `lorahub validate`)", path=adapter.path)
@@ -181,7 +183,7 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
             plan.ops.append(Op("replace", item.weight, tensor=tensor, adapter_index=index, storage_dtype=storage))
             plan.keep_original = True
         for name, tensor in adapter.delta_tensors.items():  # diff/diff_b on vectors: W += c·T
-            plan_for(match.deltas[name], item).ops.append(Op("add_tensor", item.weight, tensor=tensor,
+            plan_for(str(deltas[name]), item).ops.append(Op("add_tensor", item.weight, tensor=tensor,
                                                              adapter_index=index))
         flipped: dict[bool, list[str]] = {True: [], False: []}
         for target, given in adapter.layers.items():
