@@ -355,4 +355,5 @@ class Adapter:
             algos = sorted(set(self.other_modules.values()))
             raise LorahubError(
                 f"{operation} is not supported yet for LyCORIS {'/'.join(algos)} modules "
-                f"({len(self.other_modules)} in this file); only LoRA/LoCon layers are", path=self.path)
+                f"({len(self.other_modules)} in this file); LoRA/LoCon, LoHa, LoKr and full modules are",
+                path=self.path)

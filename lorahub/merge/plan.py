@@ -189,6 +189,9 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
         for target, given in adapter.layers.items():
             ref = match.refs[target]
             layer = oriented_by_base(given, layout.model, ref)
+            if given.lycoris is not None and layer.fan_in_fan_out:
+                raise UnsupportedError(f"LyCORIS module '{given.source_name or target}' targets a transformers Conv1D "
+                                       "(in, out) weight, which LyCORIS does not adapt", path=adapter.path)
             if layer is not given:
                 flipped[layer.fan_in_fan_out].append(target)
             plan = plan_for(ref.weight, item)
