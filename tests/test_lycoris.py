@@ -433,3 +433,23 @@ def test_vector_diffs_are_applied_carried_or_refused(tiny_unet_dir, tmp_path):
         convert_adapter(adapter, tmp_path / "p", "peft")
     assert not (tmp_path / "p").exists()
     shutil.rmtree(tmp_path / "m", ignore_errors=True)
+
+
+def test_peft_style_diff_b_and_norm_diff_are_applied(tiny_unet_dir, tmp_path):
+    """The same deltas in a PEFT-style (diffusers) file: `lora_A`/`lora_B` + `diff_b`, and a norm `diff`."""
+    torch.manual_seed(6)
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    norm = "unet.down_blocks.0.attentions.0.norm"
+    tensors = {f"{module}.lora_A.weight": torch.randn(4, 32), f"{module}.lora_B.weight": torch.randn(32, 4),
+               f"{module}.diff_b": torch.randn(32), f"{norm}.diff": torch.randn(32)}
+    save_file(tensors, str(tmp_path / "wan.safetensors"))
+    adapter = load_adapter(tmp_path / "wan.safetensors")
+    assert adapter.format == "diffusers" and not adapter.extra_keys
+    merge(str(tiny_unet_dir), [AdapterInput(adapter, 1.0)], tmp_path / "merged", device="cpu")
+    base = load_file(str(tiny_unet_dir / BASE_FILE))
+    merged = load_file(str(tmp_path / "merged" / BASE_FILE))
+    inner, norm_inner = module.removeprefix("unet."), norm.removeprefix("unet.")
+    assert torch.equal(merged[inner + ".bias"], base[inner + ".bias"] + tensors[f"{module}.diff_b"])
+    assert torch.equal(merged[norm_inner + ".weight"], base[norm_inner + ".weight"] + tensors[f"{norm}.diff"])
+    expected = tensors[f"{module}.lora_B.weight"] @ tensors[f"{module}.lora_A.weight"]
+    assert _rel(merged[inner + ".weight"] - base[inner + ".weight"], expected) <= 1e-6

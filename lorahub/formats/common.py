@@ -354,6 +354,7 @@ PEFT_STYLE_SUFFIXES = {
     ".lora.down.weight": "A", ".lora.up.weight": "B",  # older diffusers LoRACompatible layers
     "_lora.down.weight": "A", "_lora.up.weight": "B",
     ".lora_linear_layer.down.weight": "A", ".lora_linear_layer.up.weight": "B",
+    ".diff_b": "diff_b", ".diff": "diff",  # Wan: a bias delta beside the factors; full/vector deltas
 }
 
 
@@ -372,6 +373,21 @@ def _split_peft_style(key: str) -> tuple[str, str] | None:
 def _module_name(module: str) -> str:
     # old attention-processor names: unet.….attn1.processor.to_q -> unet.….attn1.to_q
     return module.replace(".processor.", ".")
+
+
+def _peft_style_diffs(path: Path, source: TensorSource, adapter: Adapter, module: str, keys: dict[str, str]) -> None:
+    """`<module>.diff` / `.diff_b` without factors: a full ΔW on a matrix (a LyCORIS full layer) or
+    deltas added to a vector (a norm's weight, a bias)."""
+    from .lycoris_read import build_layer
+
+    others = sorted(key for label, key in keys.items() if label not in ("diff", "diff_b"))
+    if others:
+        raise LorahubError(f"module '{module}' has a diff and LoRA factors ({', '.join(others)})", path=path)
+    if "diff" in keys and len(source.shape(keys["diff"])) >= 2:
+        adapter.layers[module] = build_layer(path, source, module, module, {"full": keys}, {})
+        return
+    for label, key in keys.items():
+        adapter.delta_tensors[f"{module}.{'weight' if label == 'diff' else 'bias'}"] = source.lazy(key)
 
 
 def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
@@ -395,6 +411,9 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
                                path=path)
         group[label] = key
     for module, keys in groups.items():
+        if "diff" in keys or ("diff_b" in keys and "A" not in keys and "B" not in keys):
+            _peft_style_diffs(path, source, adapter, module, keys)
+            continue
         embedding = "embA" in keys or "embB" in keys
         down_label, up_label = ("embA", "embB") if embedding else ("A", "B")
         if down_label not in keys or up_label not in keys:
@@ -423,7 +442,11 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
             A=down, B=up, alpha=alpha, rank=rank,
             use_rslora=use_rslora, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
             magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
-            bias=source.lazy(keys["bias"]) if "bias" in keys else None, source_key=module)
+            bias=source.lazy(keys["bias"]) if "bias" in keys else
+            source.lazy(keys["diff_b"]) if "diff_b" in keys else None, bias_unscaled="diff_b" in keys,
+            source_key=module)
+        if "diff_b" in keys and "bias" in keys:
+            raise LorahubError(f"module '{module}' has both lora_B.bias and a diff_b bias delta", path=path)
     if COMPONENTS_METADATA in metadata:
         adapter.has_components = metadata[COMPONENTS_METADATA] == "1"
     else:
