@@ -12,11 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import LorahubError
 from .kinds import LayerKind, kind_of
 from .lazy import LazyDict, torch
+
+if TYPE_CHECKING:
+    from .lycoris import LycorisModule
 
 
 def _st_dtypes() -> dict[str, torch.dtype]:
@@ -164,6 +167,16 @@ class LoraLayer:
     source_key: str = ""  # the module prefix in the file, for messages
     # original target name if the file's name had to be guessed (kohya underscore names)
     source_name: str | None = None
+    # a LyCORIS module (LoHa, LoKr, LoCon-Tucker, full): A and B are then its exact LoRA factors,
+    # computed on demand; merge forms ΔW as LyCORIS does (lorahub.lycoris)
+    lycoris: LycorisModule | None = None
+    # the bias is added as it is, not times the scale (a `.diff_b` bias delta; PEFT's lora_bias is scaled)
+    bias_unscaled: bool = False
+
+    @property
+    def bias_scale(self) -> float:
+        """What the layer's bias is multiplied by when it is added to the base bias."""
+        return 1.0 if self.bias_unscaled else self.scale
 
     @property
     def scale(self) -> float:
@@ -206,7 +219,7 @@ class LoraLayer:
 
     @property
     def num_params(self) -> int:
-        total = self.A.numel + self.B.numel
+        total = self.lycoris.num_params if self.lycoris is not None else self.A.numel + self.B.numel
         if self.magnitude is not None:
             total += self.magnitude.numel
         if self.bias is not None:
@@ -246,7 +259,7 @@ class LoraLayer:
             B=LazyTensor.of(up.contiguous()), alpha=float(rank if alpha is None else alpha), rank=rank,
             use_rslora=self.use_rslora if use_rslora is None else use_rslora,
             fan_in_fan_out=self.fan_in_fan_out, magnitude=self.magnitude, bias=self.bias,
-            source_key=self.source_key, source_name=self.source_name)
+            source_key=self.source_key, source_name=self.source_name, bias_unscaled=self.bias_unscaled)
 
 
 @dataclass
@@ -259,6 +272,9 @@ class Adapter:
     # full tensors that replace base tensors (PEFT modules_to_save, bias="all"), keyed by the base
     # tensor name (e.g. "lm_head.weight", "score.weight")
     full_tensors: dict[str, LazyTensor] = field(default_factory=dict)
+    # tensors ADDED to base tensors (LyCORIS/Wan `diff`/`diff_b` on norm weights and biases), keyed
+    # `<module target>.weight` / `.bias`; `LazyTensor.key` is the file's key
+    delta_tensors: dict[str, LazyTensor] = field(default_factory=dict)
     base_model: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # PEFT config as read (unknown keys kept)
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
@@ -294,7 +310,7 @@ class Adapter:
     @property
     def num_params(self) -> int:
         return sum(layer.num_params for layer in self.layers.values()) + sum(
-            t.numel for t in self.full_tensors.values())
+            t.numel for t in self.full_tensors.values()) + sum(t.numel for t in self.delta_tensors.values())
 
     @property
     def name(self) -> str:
@@ -358,4 +374,5 @@ class Adapter:
             algos = sorted(set(self.other_modules.values()))
             raise LorahubError(
                 f"{operation} is not supported yet for LyCORIS {'/'.join(algos)} modules "
-                f"({len(self.other_modules)} in this file); only LoRA/LoCon layers are", path=self.path)
+                f"({len(self.other_modules)} in this file); LoRA/LoCon, LoHa, LoKr and full modules are",
+                path=self.path)

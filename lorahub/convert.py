@@ -10,6 +10,7 @@ from .errors import LorahubError
 from .families.convert import to_family_naming
 from .formats import save_adapter
 from .formats.comfy_names import is_comfy_name
+from .lycoris import lycoris_for_writing
 
 
 def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_full_tensors: bool = False,
@@ -17,12 +18,13 @@ def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_f
     """Write `adapter` at `out` in `to_format` (under lorahub.output's policy; `overwrite` replaces an
     earlier lorahub output)."""
     adapter.require_lora("convert")
-    if not adapter.layers:
+    lycoris_warnings = lycoris_for_writing(adapter, "convert")
+    if not (adapter.layers or adapter.delta_tensors):
         raise LorahubError("no LoRA modules to convert", path=adapter.path)
     if adapter.is_dora and to_format == "diffusers":
         raise LorahubError("diffusers drops DoRA magnitudes when loading; converting would silently change "
                            "the adapter (use --to peft or --to kohya)", path=adapter.path)
-    warnings = list(adapter.warnings)
+    warnings = list(adapter.warnings) + lycoris_warnings
     if adapter.full_tensors and to_format != "peft":
         if not drop_full_tensors:
             raise LorahubError(f"{to_format} files cannot carry full tensors "
@@ -45,7 +47,8 @@ def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_f
     if any(layer.use_rslora for layer in adapter.layers.values()) and to_format != "peft":
         warnings.append("rsLoRA scales were re-expressed as alpha = scale·rank (same effective scale)")
     path = save_adapter(adapter, out, to_format, overwrite=overwrite)
-    return {"from": adapter.format, "to": to_format, "out": str(path), "modules": len(adapter.layers),
+    return {"from": adapter.format, "to": to_format, "out": str(path),
+            "modules": len(adapter.layers) + len(adapter.delta_tensors),
             "warnings": warnings}
 
 

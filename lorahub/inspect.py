@@ -97,8 +97,10 @@ def scan_nonfinite(adapter: Adapter) -> list[dict[str, Any]]:
     has no isinf kernel)."""
     tensors: list[LazyTensor] = []
     for layer in adapter.layers.values():
-        tensors += [layer.A, layer.B] + [t for t in (layer.magnitude, layer.bias) if t is not None]
-    tensors += list(adapter.full_tensors.values())
+        # a LyCORIS layer's A and B are computed from its stored factors: scan those
+        factors = list(layer.lycoris.tensors.values()) if layer.lycoris is not None else [layer.A, layer.B]
+        tensors += factors + [t for t in (layer.magnitude, layer.bias) if t is not None]
+    tensors += list(adapter.full_tensors.values()) + list(adapter.delta_tensors.values())
     found: dict[int, dict[str, Any]] = {}
 
     def check(index: int, value: torch.Tensor) -> None:
@@ -190,8 +192,8 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
     alphas = [layer.alpha for layer in layers]
     dtypes: Counter[str] = Counter()
     for layer in layers:
-        dtypes[layer.A.dtype] += 1
-        dtypes[layer.B.dtype] += 1
+        for tensor in (layer.lycoris.tensors.values() if layer.lycoris is not None else (layer.A, layer.B)):
+            dtypes[tensor.dtype] += 1
     for tensor in adapter.full_tensors.values():
         dtypes[tensor.dtype] += 1
     targets = Counter(leaf_name(layer.target) for layer in layers)
@@ -221,7 +223,9 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
         "rslora": adapter.use_rslora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
         "modules_to_save": sorted(adapter.full_tensors),
-        "lycoris": dict(Counter(adapter.other_modules.values())),
+        "delta_tensors": sorted(t.key or name for name, t in adapter.delta_tensors.items()),
+        "lycoris": dict(Counter([layer.lycoris.algo for layer in layers if layer.lycoris is not None]
+                                + list(adapter.other_modules.values()))),
         "unclaimed_keys": adapter.extra_keys,
         "files": [],
         "metadata": adapter.metadata,
@@ -230,7 +234,8 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
              "scale": _number(layer.scale), "rslora": layer.use_rslora, "dora": layer.is_dora,
              "fan_in_fan_out": layer.fan_in_fan_out, "A": list(layer.A.shape), "B": list(layer.B.shape),
              "base_shape": list(layer.base_shape), "dtype": layer.A.dtype,
-             **({"source_name": layer.source_name} if layer.source_name else {})}
+             **({"source_name": layer.source_name} if layer.source_name else {}),
+             **(lycoris_fields(layer) if layer.lycoris is not None else {})}
             for layer in layers
         ],
     }
@@ -268,8 +273,20 @@ def describe(adapter: Adapter, *, read_data: bool = True, spectrum: bool = False
             values = spectra.get(entry["target"])
             if values is not None:
                 entry["effective_rank_99"] = effective_rank(values, 0.99)
+                if "algorithm" in entry:  # LyCORIS: the true rank of ΔW (σ > σ₀·1e-5, fp32 factors)
+                    entry["true_rank"] = int((values > values[0] * 1e-5).sum()) if len(values) and values[0] > 0 else 0
                 entry["singular_values"] = [round(float(v), 6) for v in values]
     return info
+
+
+def lycoris_fields(layer) -> dict[str, Any]:
+    """A LyCORIS layer's own description: its algorithm, factor shapes, the scale its forward applies,
+    the rank of its exact LoRA form (a bound on the true rank; `--spectrum` gives the true rank) and
+    its stored parameters. `rank`/`alpha`/`A`/`B` describe that exact LoRA form."""
+    mod = layer.lycoris
+    return {"algorithm": mod.algo, "factors": mod.factor_shapes(), "lycoris_scale": _number(mod.scale),
+            "rank_bound": mod.rank, "params": mod.num_params,
+            **({"dora_axis": "out" if mod.dora_on_out else "in"} if layer.magnitude is not None else {})}
 
 
 def nonfinite_error(info: dict[str, Any]) -> LorahubError | None:

@@ -107,6 +107,28 @@ def open_adapter(arg: str, input_format: str | None = "auto", allow_pickle: bool
     return adapter
 
 
+LYCORIS_BASE_HELP = ("The base model (any layout validate takes, or a registry name; headers only): tells apart "
+                     "what a LyCORIS LoHa/LoKr module's flattened factors adapt (a Linear or a k×k convolution). "
+                     "Needed only for LyCORIS inputs.")
+
+
+def lycoris_base_option(func: F) -> F:
+    """`--base` on commands that write LyCORIS inputs as plain LoRA files (convert, resize, blend)."""
+    return click.option("--base", "lycoris_base", default=None, metavar="SRC", help=LYCORIS_BASE_HELP)(func)
+
+
+def resolve_lycoris(adapters: list[Adapter], base_spec: str | None) -> None:
+    """Give flattened LyCORIS layers their base layer's shape (`lorahub.lycoris.resolve_with_base`)."""
+    if base_spec is None or not any(layer.lycoris is not None for a in adapters for layer in a.layers.values()):
+        return
+    from .base import load_base
+    from .lycoris import resolve_with_base
+
+    base = load_base(base_spec)
+    for adapter in adapters:
+        resolve_with_base(adapter, base)
+
+
 # ---- outputs -----------------------------------------------------------------------------------
 
 def out_option(*, help: str = ADAPTER_OUT_HELP, required: bool = True, metavar: str | None = None,

@@ -19,7 +19,9 @@ Conventions (documented in docs/resize.md):
 - **Zero layers** (B·A = 0) become rank 1 with zero factors (ΔW stays exactly 0), reported as such.
 - **DoRA** layers are refused: the delta is m·(W + sBA)/‖W + sBA‖ − W, so truncating BA is not an
   Eckart–Young problem and its error depends on the base weights.
-- **LyCORIS** modules (LoHa, LoKr, ...) are refused.
+- **LyCORIS** layers (LoHa, LoKr, LoCon-Tucker, full) are resized through their exact LoRA
+  factorisation (`lorahub.lycoris`): the result is the Eckart–Young optimum of their true ΔW.
+  Flattened LoHa/LoKr factors need the base (`lycoris.resolve_with_base`) to know their kernel.
 - New factors are cast to each layer's stored dtype (or `out_dtype`); the SVD runs in `compute_dtype`
   (fp32 default; fp64 available) on `device`.
 """
@@ -48,6 +50,7 @@ from .lowrank import (
     split_factors,
     split_factors_batched,
 )
+from .lycoris import require_resolved
 
 
 @dataclass
@@ -144,6 +147,7 @@ def _stored_dtype(layer: LoraLayer, out_dtype: torch.dtype | None) -> torch.dtyp
 
 def _check_supported(adapter: Adapter) -> None:
     adapter.require_lora("resize")
+    require_resolved(adapter.layers, "resize", adapter.path)
     dora = [layer.target for layer in adapter.layers.values() if layer.is_dora]
     if dora:
         raise UnsupportedError(
@@ -327,7 +331,8 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
         report.layers.append(layer_entry)
     report.seconds = time.perf_counter() - start
     out = Adapter(path=adapter.path, format=adapter.format, layers=new_layers,
-                  full_tensors=dict(adapter.full_tensors), base_model=adapter.base_model,
+                  full_tensors=dict(adapter.full_tensors), delta_tensors=dict(adapter.delta_tensors),
+                  base_model=adapter.base_model,
                   config=dict(adapter.config), metadata=_resized_metadata(adapter, report),
                   files=list(adapter.files), other_modules=dict(adapter.other_modules),
                   extra_keys=list(adapter.extra_keys))

@@ -96,6 +96,7 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
              suggest: bool = True) -> ValidationReport:
     """Check every module of `adapter` against the shapes of `base` (headers only)."""
     from .families import align_to_base
+    from .lycoris import delta_base_names
 
     given = adapter
     adapter = align_to_base(adapter, base)  # a family's other naming (kohya Flux vs a diffusers folder)
@@ -103,7 +104,7 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
     problems: list[Problem] = []
     warnings: list[str] = list(adapter.warnings)  # what the reader said (e.g. an unknown scale)
     matched = 0
-    if not (adapter.layers or adapter.full_tensors or adapter.other_modules):
+    if not (adapter.layers or adapter.full_tensors or adapter.other_modules or adapter.delta_tensors):
         problems.append(Problem(adapter.name, "at least one LoRA module", "no modules",
                                 "an adapter of zero modules changes nothing", kind="no_modules"))
 
@@ -130,6 +131,22 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
         else:
             problems.append(problem)
 
+    deltas = delta_base_names(adapter, base) if adapter.delta_tensors else {}
+    delta_matched = 0
+    for name, tensor in adapter.delta_tensors.items():
+        base_name = deltas[name]
+        base_shape = base.shape(base_name) if base_name else None
+        if base_shape is None:
+            problems.append(Problem(tensor.key or name, f"a base tensor {name}", f"{list(tensor.shape)}",
+                                    "a diff/diff_b delta adds to a base tensor; the base has none here",
+                                    kind="missing"))
+        elif tuple(base_shape) != tuple(tensor.shape):
+            problems.append(Problem(tensor.key or name, f"{list(base_shape)} ({base_name})", f"{list(tensor.shape)}",
+                                    "a diff/diff_b delta has the shape of the tensor it adds to", kind="shape"))
+        else:
+            matched += 1
+            delta_matched += 1
+
     for target in match.other_missing:
         problems.append(Problem(target, "a module of that name in the base", "no such module",
                                 "LyCORIS module has no target in the base", kind="missing"))
@@ -149,11 +166,11 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
 
     problems.sort(key=lambda p: (SEVERITIES.index(p.severity), _natural_key(p.module)))
     ok = not any(p.severity == "error" for p in problems)
-    total = len(adapter.layers) + len(adapter.full_tensors)
+    total = len(adapter.layers) + len(adapter.full_tensors) + len(adapter.delta_tensors)
     if given is not adapter:  # counted as the file's modules, whatever they became in the base's naming
         from .families import alignment_note
 
-        matched, total = _given_counts(given, adapter, problems, full_matched)
+        matched, total = _given_counts(given, adapter, problems, full_matched + delta_matched)
         warnings.append(alignment_note(given, adapter, base))
     report = ValidationReport(adapter=adapter.name, base=base.display_name, ok=ok, modules=total,
                               matched=matched, problems=problems, warnings=warnings, max_rank=max_rank,
@@ -166,12 +183,13 @@ def validate(adapter: "Adapter", base: "BaseModel", *, max_rank: int | None = No
 
 
 def _given_counts(given: "Adapter", aligned: "Adapter", problems: list[Problem], full_matched: int) -> tuple[int, int]:
+    # full_matched: the full and delta tensors that fit (kept as they are by the alignment)
     """(matched, total) in the adapter file's own modules when it was checked in another naming."""
     origin = {target: layer.source_key.split("|") for target, layer in aligned.layers.items()}
     bad = {key for p in problems if p.severity == "error" and p.kind != "max_rank" for key in origin.get(p.module, ())}
     keys = [layer.source_key for layer in given.layers.values()]
     matched = sum(1 for key in keys if key not in bad) + full_matched
-    return matched, len(given.layers) + len(given.full_tensors)
+    return matched, len(given.layers) + len(given.full_tensors) + len(given.delta_tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +221,8 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
                                 "tensor is a vector", kind="shape"))
         return problems
 
+    if layer.lycoris is not None:
+        return _check_lycoris(target, layer, shape, ref, base)
     linear = layer.geometry.name in ("linear", "conv1d")
     # the base decides the orientation (as PEFT does by the layer's type), never the adapter's flag
     decided = base_conv1d(layer, base, ref)
@@ -244,6 +264,30 @@ def _check_layer(target: str, layer: "LoraLayer", match: NameMatch, base: "BaseM
             if layer.bias.numel != n_bias:
                 problems.append(Problem(target, f"bias [{n_bias}]", f"LoRA bias {list(layer.bias.shape)}",
                                         "bias length must equal the output features", kind="bias"))
+    return problems
+
+
+def _check_lycoris(target: str, layer: "LoraLayer", shape: tuple[int, ...], ref, base: "BaseModel") -> list[Problem]:
+    """A LyCORIS layer: the base shape its factor structure implies (Kronecker shapes for LoKr)."""
+    from .lycoris import fit_problem, magnitude_count
+
+    mod = layer.lycoris
+    assert mod is not None
+    problems: list[Problem] = []
+    problem = fit_problem(mod, shape)
+    if problem is not None:
+        return [Problem(layer.source_name or target, *problem, kind="shape")]
+    if layer.magnitude is not None and layer.magnitude.numel != magnitude_count(mod, shape):
+        axis = "output row" if mod.dora_on_out else "input channel"
+        problems.append(Problem(layer.source_name or target, f"DoRA scale with {magnitude_count(mod, shape)} entries "
+                                f"(one per {axis})", f"dora_scale {list(layer.magnitude.shape)}",
+                                "LyCORIS weight decomposition", kind="magnitude"))
+    if layer.bias is not None:
+        bias_shape = base.shape(ref.bias) if ref.bias is not None else None
+        if bias_shape is None or math.prod(bias_shape) != layer.bias.numel:
+            problems.append(Problem(layer.source_name or target, f"a bias of {mod.out_features} in the base layer",
+                                    f"bias delta {list(layer.bias.shape)}", "diff_b adds to the base bias",
+                                    kind="bias"))
     return problems
 
 

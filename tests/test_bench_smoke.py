@@ -53,3 +53,9 @@ def test_bench_library_small(bench, capsys, tmp_path):
     assert "listed 40 adapters" in out and "as generated" in out and "RATIO cold / find" in out
     assert "touched one file" in out and "headers read: 1" in out
     assert "torch imported by the listing process: no" in out
+
+
+def test_bench_lycoris_tiny(bench, capsys):
+    assert bench("bench_lycoris").main(["--tiny", "--repeats", "1", "--rank", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "RATIO dense / factored+SVD" in out and "ESTIMATED" in out

@@ -247,7 +247,7 @@ def test_kohya_without_alpha_means_alpha_equals_rank(tmp_path, tiny_unet_dir, ko
 
 
 # --------------------------------------------------------------------------------------------
-# LyCORIS is recognised, its math refused
+# LyCORIS is recognised; LoHa/LoKr factors are flattened, so writing them needs the base
 
 
 def test_lycoris_loha_recognised(tmp_path):
@@ -260,9 +260,10 @@ def test_lycoris_loha_recognised(tmp_path):
     save_file(tensors, str(path))
     info = inspect_json(path)
     assert info["format"] == "lycoris" and info["lycoris"] == {"loha": 1}
+    assert info["layers"][0]["algorithm"] == "loha" and info["layers"][0]["rank_bound"] == 16
     result = run_cli("convert", path, "--to", "peft", "--out", tmp_path / "out")
     assert result.returncode == 1
-    assert "not supported yet for LyCORIS loha" in result.stderr
+    assert name in result.stderr and "pass --base" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

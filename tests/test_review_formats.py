@@ -72,12 +72,13 @@ def test_conv_dora_kohya_scale_on_output_axis(tmp_path):
     assert torch.equal(scale.reshape(-1), magnitude.reshape(-1))
 
 
-def test_kohya_input_axis_dora_scale_is_refused(tmp_path):
-    """LyCORIS with wd_on_out=False stores a per-input-column `dora_scale` (1, in). Its math is not
-    the per-output-row DoRA lorahub merges; for a square layer the shapes cannot tell, so the
-    merge would be silently wrong. It must be refused with a one-line error."""
+def test_kohya_input_axis_dora_scale_gets_lycoris_math(tmp_path):
+    """LyCORIS with wd_on_out=False stores a per-input-column `dora_scale` (1, in): not the
+    per-output-row DoRA of PEFT. It is read as LyCORIS input-axis DoRA (merged as LyCORIS does, see
+    tests/test_lycoris.py) and refused by convert, which no plain LoRA format can carry."""
     from safetensors.torch import save_file
 
+    from lorahub.convert import convert_adapter
     from lorahub.errors import LorahubError
 
     name = "lora_unet_mid_block_attentions_0_proj_in"
@@ -85,12 +86,15 @@ def test_kohya_input_axis_dora_scale_is_refused(tmp_path):
     save_file({f"{name}.lora_down.weight": torch.randn(2, 8), f"{name}.lora_up.weight": torch.randn(8, 2),
                f"{name}.alpha": torch.tensor(2.0), f"{name}.dora_scale": torch.rand(1, 8)}, str(path))
     adapter = load_adapter(path)
+    (layer,) = adapter.layers.values()
+    assert layer.lycoris is not None and layer.lycoris.dora_on_out is False
     try:
-        adapter.require_lora("merge")
+        convert_adapter(adapter, tmp_path / "out", "peft")
     except LorahubError as exc:
-        assert "dora_scale" in str(exc)
+        assert "per input channel" in str(exc) and name in str(exc)
     else:
-        raise AssertionError("an input-axis dora_scale was accepted")
+        raise AssertionError("an input-axis dora_scale was converted")
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_number_in_peft_config_is_one_line_error(tmp_path, peft_lora_dir):

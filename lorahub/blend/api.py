@@ -17,6 +17,7 @@ from ..adapter import ST_DTYPES, Adapter, LazyTensor, LoraLayer
 from ..devices import map_layers, resolve_device
 from ..errors import LorahubError, OptionError, UnsupportedError
 from ..lazy import LazyDict, torch
+from ..lycoris import require_resolved
 from ..names import different_models, model_evidence, renamed_modules
 from .registry import (
     DEFAULT_METHOD,
@@ -158,6 +159,11 @@ def check_compatible(adapters: Sequence[Adapter], *, allow_base_mismatch: bool =
     """Refuse inputs whose deltas cannot be added: raise LorahubError naming the file and module."""
     for adapter in adapters:
         adapter.require_lora("blend")
+        require_resolved(adapter.layers, "blend", adapter.path)
+        if adapter.delta_tensors:
+            raise UnsupportedError(f"blend does not weight diff/diff_b deltas on vectors (e.g. "
+                                   f"{next(iter(adapter.delta_tensors.values())).key}); merge the adapters instead",
+                                   path=adapter.path)
         dora = [t for t, layer in adapter.layers.items() if layer.is_dora]
         if dora:
             raise UnsupportedError(
@@ -299,6 +305,8 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
         for i, layer in present:
             up, down = layer.factors(device=device, dtype=torch.float32)
             bias = layer.bias.load().to(device=device, dtype=torch.float32) if layer.bias is not None else None
+            if bias is not None and layer.bias_unscaled and layer.scale not in (0, 1):
+                bias = bias / layer.scale  # a diff_b bias delta is added as it is; terms scale their bias
             terms.append(Term(index=i, weight=weights[i], scale=layer.scale, up=up, down=down, bias=bias))
         ctx = LayerContext(target=target, options=opts, device=device, default_rank=default_rank)
         result = method.fn(terms, ctx)

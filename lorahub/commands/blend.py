@@ -16,6 +16,7 @@ from ..options import (
     device_option,
     dtype_option,
     json_option,
+    lycoris_base_option,
     open_adapter,
     out_option,
     output_format_option,
@@ -23,6 +24,7 @@ from ..options import (
     rank_method_option,
     rank_option,
     rank_param_option,
+    resolve_lycoris,
     torch_dtype_name,
 )
 from ..ui import console, ok_payload, print_json, safe, step_progress, table
@@ -87,6 +89,7 @@ def blend_options(default_method: str) -> Callable:
             click.option("--drop-full-tensors", is_flag=True,
                          help="Leave out modules_to_save / saved embedding copies that differ between "
                               "the inputs (they cannot be weighted) instead of refusing."),
+            lycoris_base_option,
             all_layers_option(help=f"Print every layer (default: all up to {TABLE_LIMIT}, else the 10 with "
                                    f"the least energy kept)."),
         ]
@@ -107,8 +110,9 @@ def blend_command(adapters, weights_text, **kwargs):
     """Combine LoRA adapters into one: ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ per module, written with scale 1.
 
     Ranks, alphas, rsLoRA and target modules may differ (a module missing from an adapter
-    contributes zero). Adapters for different bases, different layer kinds on one module, DoRA and
-    LyCORIS adapters are refused. --method linear reproduces PEFT's add_weighted_adapter 'linear',
+    contributes zero). Adapters for different bases, different layer kinds on one module and DoRA
+    are refused; LyCORIS LoHa/LoKr/full layers enter through their exact LoRA factorisation
+    (LoHa/LoKr inputs need --base). --method linear reproduces PEFT's add_weighted_adapter 'linear',
     which sums the factors, (Σ√|cᵢ|Bᵢ)(Σ±√|cᵢ|Aᵢ): it is NOT the weighted sum (cross terms BᵢAⱼ) and
     is kept for compatibility only; cat is exact, svd is the best rank-r approximation of the exact sum.
 
@@ -148,7 +152,7 @@ def interpolate_command(adapter_a, adapter_b, t, **kwargs):
 
 
 def _run(adapter_args, weights, *, out, overwrite, method, to_format, dtype, device, allow_base_mismatch,
-         drop_full_tensors, all_layers, input_format, allow_pickle, as_json, **method_params):
+         drop_full_tensors, all_layers, input_format, allow_pickle, as_json, lycoris_base=None, **method_params):
     import time
 
     from ..formats import FORMATS, adapter_sources, reserve_output, save_adapter
@@ -169,13 +173,15 @@ def _run(adapter_args, weights, *, out, overwrite, method, to_format, dtype, dev
     check_method_options(options)
     start = time.perf_counter()
     adapters = [open_adapter(arg, input_format, allow_pickle) for arg in adapter_args]
+    resolve_lycoris(adapters, lycoris_base)
     total = len({t for a in adapters for t in a.layers})
-    fmt = to_format or (adapters[0].format if adapters[0].format in FORMATS else "peft")
+    fmt = to_format or (adapters[0].format if adapters[0].format in FORMATS else
+                        "kohya" if adapters[0].format == "lycoris" else "peft")
     # --out is checked and locked before the work, not after it
     with reserve_output(out, fmt, overwrite=overwrite, sources=adapters):
         with step_progress("blending layers", total) as advance:
             result = blend(adapters, weights, options, to=to_format, progress=advance)
-        written = save_adapter(result.adapter, Path(out), to_format, overwrite=overwrite,
+        written = save_adapter(result.adapter, Path(out), fmt, overwrite=overwrite,
                                inputs=[("adapter", p) for a in adapters for p in adapter_sources(a)])
     report = result.report.to_dict()
     summary = {k: v for k, v in report["summary"].items() if k != "layers"}

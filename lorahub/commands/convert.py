@@ -7,10 +7,12 @@ from ..convert import convert_adapter
 from ..options import (
     adapter_input_options,
     json_option,
+    lycoris_base_option,
     open_adapter,
     out_option,
     output_format_option,
     overwrite_option,
+    resolve_lycoris,
 )
 from ..ui import console, ok_payload, plain, print_json, warn
 
@@ -23,21 +25,27 @@ from ..ui import console, ok_payload, plain, print_json, warn
 @click.option("--drop-full-tensors", is_flag=True,
               help="Leave out modules_to_save / saved embedding weights (kohya and diffusers files "
                    "cannot carry them).")
+@lycoris_base_option
 @adapter_input_options
 @json_option
-def convert_command(src, to_format, out, overwrite, drop_full_tensors, input_format, allow_pickle, as_json):
+def convert_command(src, to_format, out, overwrite, drop_full_tensors, lycoris_base, input_format, allow_pickle,
+                    as_json):
     """Convert an adapter between PEFT, kohya/A1111 and diffusers formats, keeping every layer's
-    effective scale exactly (alpha is re-expressed where a format has no rsLoRA).
+    effective scale exactly (alpha is re-expressed where a format has no rsLoRA). LyCORIS files
+    (LoHa, LoKr, LoCon, full) are written as plain LoRA layers of exactly the same delta
+    (docs/lycoris.md); LoHa/LoKr files need --base.
 
     \b
     Examples:
       lorahub convert ./peft-lora --to kohya --out lora.safetensors
       lorahub convert lora.safetensors --to peft --out ./peft-lora
+      lorahub convert loha.safetensors --base sdxl-base --to kohya --out lora.safetensors
     """
     import time
 
     start = time.perf_counter()
     adapter = open_adapter(src, input_format, allow_pickle)
+    resolve_lycoris([adapter], lycoris_base)
     result = convert_adapter(adapter, out, to_format, drop_full_tensors=drop_full_tensors, overwrite=overwrite)
     if as_json:
         print_json(ok_payload({"path": str(adapter.path), "out": result["out"], "from": result["from"],

@@ -87,9 +87,18 @@ def render(info: dict, show_layers: bool = False) -> None:
     ]
     if info["modules_to_save"]:
         rows.append(("full tensors", ", ".join(info["modules_to_save"])))
+    if info["delta_tensors"]:
+        rows.append(("diff deltas", f"{len(info['delta_tensors'])} added to base tensors as they are (e.g. "
+                     f"{info['delta_tensors'][0]})"))
     if info["lycoris"]:
-        rows.append(("LyCORIS", ", ".join(f"{k} ×{v}" for k, v in info["lycoris"].items())
-                     + "  (recognised; merge/resize/blend/convert not supported yet)"))
+        bounds = [entry["rank_bound"] for entry in info["layers"] if "rank_bound" in entry]
+        supported = {entry["algorithm"] for entry in info["layers"] if "algorithm" in entry}
+        other = sorted(set(info["lycoris"]) - supported)
+        note = f"  (rank/alpha above: their exact LoRA form, rank ≤ {max(bounds)}; --json lists each layer's " \
+               "factors)" if bounds else ""
+        if other:
+            note += f"  ({'/'.join(other)}: recognised; merge/resize/blend/convert not supported)"
+        rows.append(("LyCORIS", ", ".join(f"{k} ×{v}" for k, v in info["lycoris"].items()) + note))
     if info["unclaimed_keys"]:
         rows.append(("other keys", f"{len(info['unclaimed_keys'])} (e.g. {info['unclaimed_keys'][0]})"))
     for entry in info["files"]:

@@ -11,6 +11,7 @@ from ..options import (
     device_option,
     dtype_option,
     json_option,
+    lycoris_base_option,
     open_adapter,
     out_option,
     output_format_option,
@@ -18,6 +19,7 @@ from ..options import (
     rank_method_option,
     rank_option,
     rank_param_option,
+    resolve_lycoris,
     split_option,
     torch_dtype_name,
 )
@@ -51,17 +53,20 @@ def _pct(x: float) -> str:
 @overwrite_option()
 @all_layers_option(help=f"List every layer in the report (default: at most {TABLE_LIMIT}, the lowest "
                         f"retained energy first).")
+@lycoris_base_option
 @adapter_input_options
 @json_option
 def resize(adapter: str, rank: int | None, rank_method: str, param: float | None, conv_rank: int | None,
            out: Path, to_format: str | None, split: str, kohya_compat: bool, device: str, use_fp64: bool,
-           dtype: str, overwrite: bool, all_layers: bool, input_format: str, allow_pickle: bool,
-           as_json: bool) -> None:
+           dtype: str, overwrite: bool, all_layers: bool, lycoris_base: str | None, input_format: str,
+           allow_pickle: bool, as_json: bool) -> None:
     """Resize (re-rank) ADAPTER: the best rank-R approximation of every layer, exactly.
 
     The SVD of each layer comes from QR of its factors (no dense matrix), so a 7B adapter takes
     seconds. The scale is kept (alpha' = alpha·R'/R; rsLoRA alpha·√(R'/R)), layers already at or
-    below the requested rank are kept unchanged, and k×k convs use --conv-rank.
+    below the requested rank are kept unchanged, and k×k convs use --conv-rank. LyCORIS inputs
+    (LoHa, LoKr, ...) are resized through their exact LoRA factorisation (docs/lycoris.md) and
+    written as plain LoRA (kohya by default); LoHa/LoKr inputs need --base.
 
     \b
     Examples:
@@ -81,7 +86,9 @@ def resize(adapter: str, rank: int | None, rank_method: str, param: float | None
     check_options(rank, rank_method, param, conv_rank, split)  # usage errors before any file is read
     start = time.perf_counter()
     source = open_adapter(adapter, input_format, allow_pickle)
-    fmt = to_format or (source.format if source.format in FORMATS else "peft")
+    resolve_lycoris([source], lycoris_base)
+    fmt = to_format or (source.format if source.format in FORMATS else "kohya" if source.format == "lycoris"
+                        else "peft")
     dtype_name = torch_dtype_name(dtype)
     out_dtype = getattr(torch, dtype_name) if dtype_name else None
     torch_device = resolve_device(device)

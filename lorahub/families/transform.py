@@ -64,6 +64,10 @@ def _refuse(adapter: Adapter, layer: LoraLayer, what: str) -> LorahubError:
 
 
 def _check_linear(adapter: Adapter, layer: LoraLayer, entry: Entry) -> None:
+    if layer.lycoris is not None:
+        raise _refuse(adapter, layer, f"a LyCORIS {layer.lycoris.algo} module on a fused/split module "
+                      f"({entry.original}) is not re-expressed in the other naming; use a base, or --to, in the "
+                      "file's own naming")
     if layer.geometry is not LINEAR:
         raise _refuse(adapter, layer, f"a {layer.kind} layer on {entry.original}, which is a linear layer")
     if layer.magnitude is not None:
@@ -185,7 +189,7 @@ def _fuse(adapter: Adapter, entry: Entry, index: str | None, parts: dict[str, Lo
             if layer is not None and layer.bias is not None:
                 # each part's bias enters as s_i·b_i; the fused layer has one scale s' = alpha'/R
                 value = layer.bias.load().reshape(-1)[at:at + (stop - begin)].to(torch.float32)
-                out[begin:stop] = value * (layer.scale / (alpha / rank))
+                out[begin:stop] = value * ((1.0 if layer.bias_unscaled else layer.scale) / (alpha / rank))
         return out
 
     with_bias = {m: parts[m] for m in ordered if parts[m].bias is not None}

@@ -117,7 +117,7 @@ def require_modules(adapter: Adapter, format: str, *, forced: bool = False) -> A
     """The adapter, if it holds anything to apply: LoRA layers, full tensors or LyCORIS modules. An adapter
     of zero modules (a `--format` that does not match the files reads nothing) is an error, never
     "✓ … 0 modules"."""
-    if adapter.layers or adapter.full_tensors or adapter.other_modules:
+    if adapter.layers or adapter.full_tensors or adapter.other_modules or adapter.delta_tensors:
         return adapter
     where = adapter.files[0] if adapter.files else adapter.path
     keys = adapter.extra_keys

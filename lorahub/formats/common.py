@@ -123,6 +123,31 @@ def kohya_dora_scale(layer: LoraLayer) -> torch.Tensor:
 COMPONENTS_METADATA = "lorahub.components"
 
 
+def refuse_delta_tensors(adapter: Adapter, format_name: str) -> None:
+    """PEFT-style files have no tensor that is added to a base tensor as it is (`diff`/`diff_b` on a norm
+    weight or bias): refuse, naming them, rather than drop them."""
+    if adapter.delta_tensors:
+        keys = [tensor.key or name for name, tensor in adapter.delta_tensors.items()]
+        raise LorahubError(f"{format_name} files cannot carry the diff/diff_b deltas {', '.join(keys[:3])}"
+                           + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "") + "; use --to kohya",
+                           path=adapter.path)
+
+
+def peft_bias(layer: LoraLayer, path: Path | None) -> torch.Tensor:
+    """The `lora_B.bias` to write: PEFT adds it times the layer's scale. A bias delta that is added as it
+    is (`diff_b`) is written divided by the scale when that is exact (a power of two), else refused."""
+    assert layer.bias is not None
+    bias = layer.bias.load().contiguous()
+    if not layer.bias_unscaled or layer.scale == 1:
+        return bias
+    mantissa = math.frexp(abs(layer.scale))[0] if layer.scale else 0.0
+    if mantissa == 0.5:
+        return (bias.to(torch.float32) / layer.scale).to(bias.dtype)
+    raise LorahubError(f"the bias delta {layer.bias.key or layer.target} is added unscaled, but PEFT-style files "
+                       f"scale lora_B.bias by alpha/r = {layer.scale:g}; it cannot be written exactly (use --to "
+                       "kohya, which keeps it as diff_b)", path=path)
+
+
 def infer_component(target: str) -> str | None:
     """The diffusers component a bare module path belongs to (PEFT adapters saved on a UNet alone)."""
     head = target.split(".", 1)[0]
@@ -331,6 +356,7 @@ PEFT_STYLE_SUFFIXES = {
     ".lora.down.weight": "A", ".lora.up.weight": "B",  # older diffusers LoRACompatible layers
     "_lora.down.weight": "A", "_lora.up.weight": "B",
     ".lora_linear_layer.down.weight": "A", ".lora_linear_layer.up.weight": "B",
+    ".diff_b": "diff_b", ".diff": "diff",  # Wan: a bias delta beside the factors; full/vector deltas
 }
 
 
@@ -365,6 +391,21 @@ def _module_name(module: str, key: str = "") -> str:
     return module + ".0" if leaf == "to_out" else module
 
 
+def _peft_style_diffs(path: Path, source: TensorSource, adapter: Adapter, module: str, keys: dict[str, str]) -> None:
+    """`<module>.diff` / `.diff_b` without factors: a full ΔW on a matrix (a LyCORIS full layer) or
+    deltas added to a vector (a norm's weight, a bias)."""
+    from .lycoris_read import build_layer
+
+    others = sorted(key for label, key in keys.items() if label not in ("diff", "diff_b"))
+    if others:
+        raise LorahubError(f"module '{module}' has a diff and LoRA factors ({', '.join(others)})", path=path)
+    if "diff" in keys and len(source.shape(keys["diff"])) >= 2:
+        adapter.layers[module] = build_layer(path, source, module, module, {"full": keys}, {})
+        return
+    for label, key in keys.items():
+        adapter.delta_tensors[f"{module}.{'weight' if label == 'diff' else 'bias'}"] = source.lazy(key)
+
+
 def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
                          configs: dict[str, dict]) -> Adapter:
     """A single file of PEFT-style keys (`<module>.lora_A.weight`, ...): diffusers files, and PEFT
@@ -386,6 +427,9 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
             raise LorahubError(f"'{group[label]}' and '{key}' are the same tensor of module '{module}'", path=path)
         group[label] = key
     for module, keys in groups.items():
+        if "diff" in keys or ("diff_b" in keys and "A" not in keys and "B" not in keys):
+            _peft_style_diffs(path, source, adapter, module, keys)
+            continue
         embedding = "embA" in keys or "embB" in keys
         down_label, up_label = ("embA", "embB") if embedding else ("A", "B")
         if down_label not in keys or up_label not in keys:
@@ -414,7 +458,11 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
             A=down, B=up, alpha=alpha, rank=rank,
             use_rslora=use_rslora, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
             magnitude=source.lazy(keys["mag"]) if "mag" in keys else None,
-            bias=source.lazy(keys["bias"]) if "bias" in keys else None, source_key=module)
+            bias=source.lazy(keys["bias"]) if "bias" in keys else
+            source.lazy(keys["diff_b"]) if "diff_b" in keys else None, bias_unscaled="diff_b" in keys,
+            source_key=module)
+        if "diff_b" in keys and "bias" in keys:
+            raise LorahubError(f"module '{module}' has both lora_B.bias and a diff_b bias delta", path=path)
     if COMPONENTS_METADATA in metadata:
         adapter.has_components = metadata[COMPONENTS_METADATA] == "1"
     else:

@@ -19,8 +19,10 @@ from .common import (
     layer_entry,
     looks_peft_style,
     lora_config_fields,
+    peft_bias,
     peft_magnitude,
     read_peft_style_file,
+    refuse_delta_tensors,
 )
 from .spec import Format
 
@@ -61,6 +63,7 @@ def write(adapter: Adapter, out: Path) -> Path:
     what diffusers' `load_lora_weights` reads for PEFT-style files: every layer keeps its exact scale.
     Adapters without components (a transformers model's LoRA) carry a 0-d `<target>.alpha` instead."""
     adapter.require_lora("writing diffusers format")
+    refuse_delta_tensors(adapter, "diffusers")
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
     keyed = {layer.target: layer for layer in adapter.layers.values()}
@@ -94,7 +97,7 @@ def write(adapter: Adapter, out: Path) -> Path:
         if layer.magnitude is not None:
             tensors[f"{base}.lora_magnitude_vector"] = peft_magnitude(layer)
         if layer.bias is not None:
-            tensors[f"{base}.lora_B.bias"] = layer.bias.load().contiguous()
+            tensors[f"{base}.lora_B.bias"] = peft_bias(layer, adapter.path)
     if adapter.full_tensors:
         raise LorahubError("diffusers LoRA files cannot carry full replacement tensors (modules_to_save: "
                            f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)

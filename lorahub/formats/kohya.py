@@ -34,6 +34,8 @@ from .kohya_names import (
     kohya_to_target,
     target_to_kohya,
 )
+from .lycoris_read import build_layer, dora_orientation, plain_lora_with_input_dora
+from .lycoris_read import split as lycoris_split
 from .spec import Format
 
 NAME = "kohya"
@@ -100,7 +102,12 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         adapter.warnings.append(f"{len(unknown)} module(s) are not in {family}'s layout, their names are guessed "
                                 f"(e.g. '{unknown[0]}')")
     groups: dict[str, dict[str, str]] = {}
+    lycoris: dict[str, dict[str, dict[str, str]]] = {}  # module -> algorithm -> role -> key
     for key in source.keys():
+        lyco = lycoris_split(key)
+        if lyco is not None:
+            lycoris.setdefault(lyco[0], {}).setdefault(lyco[1], {})[lyco[2]] = key
+            continue
         split = _split(key)
         if split is None:
             module, _, tail = key.partition(".")
@@ -113,10 +120,30 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         module, label = split
         groups.setdefault(module, {})[label] = key
 
+    for module, algos in lycoris.items():
+        keys = groups.setdefault(module, {})
+        if list(algos) == ["full"] and "diff" not in algos["full"] and "down" in keys:
+            keys["diff_b"] = algos["full"]["diff_b"]  # a LoRA module's bias delta (Wan)
+            continue
+        if list(algos) == ["full"] and ("diff" not in algos["full"] or len(source.shape(algos["full"]["diff"])) < 2):
+            # vector deltas (a norm's weight, a bias): added to the base tensor as they are
+            if any(label in keys for label in ("down", "up")):
+                raise LorahubError(f"module '{module}' has a vector diff and lora_down/lora_up", path=path)
+            for role, key in algos["full"].items():
+                adapter.delta_tensors[f"{target_of(module)}.{'weight' if role == 'diff' else 'bias'}"] = \
+                    source.lazy(key)
+            adapter.extra_keys.extend(groups.pop(module).values())  # an alpha, if any: no scale applies
+            continue
+        target = target_of(module)
+        if target in adapter.layers:
+            raise LorahubError(f"modules '{adapter.layers[target].source_name}' and '{module}' both map to "
+                               f"'{target}'", path=path)
+        adapter.layers[target] = build_layer(path, source, module, target, algos, groups.pop(module))
+
     for module, keys in groups.items():
         target = target_of(module)
         if target in adapter.other_modules:
-            continue  # LoHa/LoKr modules carry .alpha too
+            continue  # OFT/GLoRA/... modules carry .alpha too
         if "down" not in keys or "up" not in keys:
             present = keys.get("down") or keys.get("up")
             if present is None:
@@ -129,10 +156,8 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         # missing alpha means alpha = rank (scale 1), as kohya, A1111 and diffusers read it
         alpha = source.scalar(keys["alpha"]) if "alpha" in keys else float(rank)
         magnitude = source.lazy(keys["dora"]) if "dora" in keys else None
-        if magnitude is not None and len(magnitude.shape) == 2 and magnitude.shape[0] == 1 < magnitude.shape[1]:
-            # LyCORIS wd_on_out=False: one norm per input column, not the per-row DoRA lorahub applies
-            adapter.unsupported_variant = adapter.unsupported_variant or \
-                "input-axis DoRA (dora_scale of shape (1, in), LyCORIS wd_on_out=False)"
+        if "diff_b" in keys and "bias" in keys:
+            raise LorahubError(f"module '{module}' has both a LoRA bias and a diff_b bias delta", path=path)
         entry = known.get(module, {})
         if target in adapter.layers:
             raise LorahubError(f"modules '{adapter.layers[target].source_name}' and '{module}' both map to "
@@ -141,15 +166,22 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         adapter.layers[target] = LoraLayer(
             target=target, kind=checked_kind(path, module, entry, down, up), A=down, B=up, alpha=alpha,
             rank=rank, fan_in_fan_out=bool(entry.get("fan_in_fan_out", False)),
-            magnitude=magnitude, bias=source.lazy(keys["bias"]) if "bias" in keys else None,
+            magnitude=magnitude, bias=source.lazy(keys["bias"]) if "bias" in keys else
+            source.lazy(keys["diff_b"]) if "diff_b" in keys else None, bias_unscaled="diff_b" in keys,
             source_key=module, source_name=None if "." in module else module)
+        if magnitude is not None and len(magnitude.shape) >= 2 and magnitude.shape[0] == 1 < magnitude.shape[1] \
+                and dora_orientation(path, keys["dora"], magnitude.shape, up.shape[0]) is False:
+            # LyCORIS wd_on_out=False: one norm per input channel, LyCORIS's DoRA math
+            adapter.layers[target] = plain_lora_with_input_dora(path, module, adapter.layers[target])
     if COMPONENTS_METADATA in metadata:
         adapter.has_components = metadata[COMPONENTS_METADATA] == "1"
     else:
-        adapter.has_components = bool(groups) and all(
-            kohya_split_prefix(module)[0] in KOHYA_PREFIXES for module in groups)
+        modules = list(groups) + list(lycoris)
+        adapter.has_components = bool(modules) and all(
+            kohya_split_prefix(module)[0] in KOHYA_PREFIXES for module in modules)
     settle_fan_in_fan_out(adapter)
-    if adapter.other_modules:
+    if adapter.other_modules or adapter.delta_tensors or \
+            any(layer.lycoris is not None for layer in adapter.layers.values()):
         adapter.format = "lycoris"
     return adapter
 
@@ -177,7 +209,15 @@ def write(adapter: Adapter, out: Path) -> Path:
         if layer.magnitude is not None:
             tensors[f"{name}.dora_scale"] = kohya_dora_scale(layer)
         if layer.bias is not None:
-            tensors[f"{name}.lora_up.bias"] = layer.bias.load().contiguous()
+            tensors[f"{name}.diff_b" if layer.bias_unscaled else f"{name}.lora_up.bias"] = \
+                layer.bias.load().contiguous()
+    for name, tensor in adapter.delta_tensors.items():  # diff/diff_b deltas on vectors, as LyCORIS writes them
+        target, _, role = name.rpartition(".")
+        key = tensor.key if tensor.key and tensor.key.endswith((".diff", ".diff_b")) else \
+            f"{target_to_kohya(target, components, adapter.has_components)}.{'diff' if role == 'weight' else 'diff_b'}"
+        if key in tensors:
+            raise LorahubError(f"two tensors map to the kohya key '{key}'", path=adapter.path)
+        tensors[key] = tensor.load().contiguous()
     if adapter.full_tensors:
         raise LorahubError("kohya files cannot carry full replacement tensors (modules_to_save: "
                            f"{', '.join(sorted(adapter.full_tensors))}); use --to peft", path=adapter.path)

@@ -19,8 +19,10 @@ from .common import (
     lora_config_fields,
     missing_partner,
     pattern_value,
+    peft_bias,
     peft_magnitude,
     read_peft_style_file,
+    refuse_delta_tensors,
     settle_fan_in_fan_out,
 )
 from .spec import Format
@@ -171,6 +173,7 @@ def _qualify(component: str | None, name: str) -> str:
 
 def write(adapter: Adapter, out: Path) -> Path:
     """Write a PEFT directory that PEFT itself loads; out is the directory."""
+    refuse_delta_tensors(adapter, "PEFT")
     components = {component_of(t) for t in list(adapter.layers) + list(adapter.full_tensors)} \
         if adapter.has_components else {None}
     if len(components) > 1:
@@ -209,7 +212,7 @@ def write(adapter: Adapter, out: Path) -> Path:
         if layer.magnitude is not None:
             tensors[base + ".lora_magnitude_vector"] = peft_magnitude(layer)
         if layer.bias is not None:
-            tensors[base + ".lora_B.bias"] = layer.bias.load().contiguous()
+            tensors[base + ".lora_B.bias"] = peft_bias(layer, adapter.path)
     embedding_modules = {strip(layer.target) for layer in layers if layer.geometry is EMBEDDING}
     for name, tensor in adapter.full_tensors.items():
         module = strip(name).rsplit(".", 1)[0]

@@ -264,6 +264,8 @@ def _unmerge_plans(merge_plans: list[TensorPlan], inputs: Sequence[AdapterInput]
             who = inputs[op.adapter_index].name
             if op.kind in ("add", "bias"):
                 ops.append(Op(op.kind, -op.coeff, layer=op.layer, adapter_index=op.adapter_index, rows=op.rows))
+            elif op.kind == "add_tensor":
+                ops.append(Op(op.kind, -op.coeff, tensor=op.tensor, adapter_index=op.adapter_index))
             elif use_originals:
                 continue  # restored by _attach_originals
             elif op.kind == "dora":

@@ -4,7 +4,8 @@
 | -------- | ---------------------------------------------------------------------------------------- |
 | add      | `W += c·s·B₂A₂` in the base layout (Conv1D / embedding: transposed; conv: reshaped)       |
 | dora     | `W ← (m / ‖W₀ + c·ΔW‖_row) ⊙ (W + c·ΔW)`; the row norm is recorded for unmerge             |
-| bias     | `b += c·s·bias` (lora_bias)                                                              |
+| bias     | `b += c·s·bias` (lora_bias), or `b += c·bias` for an unscaled `diff_b` bias delta        |
+| add_tensor | `W += c·T`: a LyCORIS/Wan `diff`/`diff_b` delta on a vector (norm weight, bias)         |
 | replace  | `W ← T` (modules_to_save), or `W + c·(T − W)` for a weight c ≠ 1                          |
 | undora   | `W ← W / (m / n_recorded) − c·ΔW`                                                       |
 | restore  | the recorded original bytes, bit-exact                                                   |
@@ -22,6 +23,7 @@ import torch
 
 from ..adapter import LazyTensor, LoraLayer
 from ..errors import LorahubError
+from .lycoris_ops import lycoris_add, lycoris_check_shape, lycoris_dora, lycoris_undora
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
@@ -30,7 +32,7 @@ FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 class Op:
     """One change to one base tensor (see the module docstring)."""
 
-    kind: str  # add | dora | bias | replace | undora | restore
+    kind: str  # add | dora | bias | add_tensor | replace | undora | restore
     coeff: float = 1.0
     layer: LoraLayer | None = None
     tensor: LazyTensor | None = None  # replace: the new value
@@ -78,6 +80,9 @@ def _math_view(weight: torch.Tensor, layer: LoraLayer) -> tuple[torch.Tensor, bo
 
 
 def _check_shape(weight: torch.Tensor, layer: LoraLayer, name: str) -> None:
+    if layer.lycoris is not None:
+        lycoris_check_shape(weight, layer, name)
+        return
     n, k = layer.out_features, layer.in_features
     expected = tuple(layer.base_shape)
     squeezed = tuple(d for d in weight.shape if d != 1) == tuple(d for d in expected if d != 1)
@@ -102,6 +107,9 @@ def _add_delta(weight: torch.Tensor, layer: LoraLayer, coeff: float, device: tor
     one GEMM with beta=1 (`addmm_`) gives the same bits with one pass over the weight instead of three;
     otherwise the product is formed in a scratch buffer, scaled and added, exactly as PEFT does.
     """
+    if layer.lycoris is not None:
+        lycoris_add(weight, layer, coeff, device)
+        return
     scale = coeff * layer.scale
     if scale == 0:
         return
@@ -183,7 +191,19 @@ def apply_ops(weight: torch.Tensor, ops: Sequence[Op], *, name: str = "",
             assert layer.bias is not None  # bias ops are planned only for layers with a LoRA bias
             target = weight[op.rows[0]:op.rows[1]] if op.rows else weight
             bias = layer.bias.load().to(device=device, dtype=torch.float32).reshape(target.shape)
-            target.add_(bias * (op.coeff * layer.scale))
+            target.add_(bias * (op.coeff * layer.bias_scale))
+        elif op.kind == "dora" and op.lora_layer.lycoris is not None:
+            if index > 0:
+                raise LorahubError("a LyCORIS DoRA module must be the only change to its base tensor in one merge",
+                                   key=name)
+            _check_shape(weight, op.lora_layer, name)
+            norm = lycoris_dora(weight, op.lora_layer, op.coeff, device)
+            if op.norm_key:
+                norms[op.norm_key] = norm
+        elif op.kind == "undora" and op.lora_layer.lycoris is not None:
+            assert op.norm is not None
+            _check_shape(weight, op.lora_layer, name)
+            lycoris_undora(weight, op.lora_layer, op.coeff, op.norm, device)
         elif op.kind == "dora":
             layer = op.lora_layer
             _check_shape(weight, layer, name)
@@ -208,6 +228,13 @@ def apply_ops(weight: torch.Tensor, ops: Sequence[Op], *, name: str = "",
             norm = op.norm.to(device=device, dtype=torch.float32).reshape(-1)
             _math_view(weight, layer)[0].div_((magnitude / norm).unsqueeze(1))
             _add_delta(weight, layer, -op.coeff, device, workspace)
+        elif op.kind == "add_tensor":  # a diff/diff_b delta added as it is (times the weight)
+            assert op.tensor is not None
+            value = op.tensor.load().to(device=device, dtype=torch.float32)
+            if value.numel() != weight.numel():
+                raise LorahubError(f"delta has shape {list(value.shape)} but the base tensor is {list(weight.shape)}",
+                                   key=name)
+            weight.add_(value.reshape(weight.shape) if op.coeff == 1 else value.reshape(weight.shape) * op.coeff)
         elif op.kind in ("replace", "restore"):
             assert op.tensor is not None  # replace/restore ops are always built with their new value
             value = op.tensor.load().to(device=device)

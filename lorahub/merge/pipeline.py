@@ -45,12 +45,21 @@ def preload_factors(plans: Sequence[TensorPlan], device: torch.device) -> None:
             if op.layer is not None:
                 if id(op.layer) not in cache:
                     layer = op.layer
-                    cache[id(layer)] = dataclasses.replace(layer, A=on_device(layer.A), B=on_device(layer.B),
-                                                           magnitude=on_device_or_none(layer.magnitude),
-                                                           bias=on_device_or_none(layer.bias))
+                    if layer.lycoris is not None:  # merge forms ΔW from the LyCORIS factors, not from A/B
+                        mod = dataclasses.replace(layer.lycoris, tensors={
+                            role: on_device(t) for role, t in layer.lycoris.tensors.items()})
+                        cache[id(layer)] = dataclasses.replace(layer, lycoris=mod,
+                                                               magnitude=on_device_or_none(layer.magnitude),
+                                                               bias=on_device_or_none(layer.bias))
+                    else:
+                        cache[id(layer)] = dataclasses.replace(layer, A=on_device(layer.A), B=on_device(layer.B),
+                                                               magnitude=on_device_or_none(layer.magnitude),
+                                                               bias=on_device_or_none(layer.bias))
                 op.layer = cache[id(op.layer)]
             if op.norm is not None:
                 op.norm = op.norm.to(device=device, dtype=torch.float32)
+            if op.kind == "add_tensor" and op.tensor is not None:
+                op.tensor = on_device(op.tensor)
     torch.cuda.synchronize(device)
 
 

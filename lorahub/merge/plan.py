@@ -18,6 +18,7 @@ from ..base import BaseModel, load_base
 from ..errors import CheckFailed, LorahubError, UnsupportedError
 from ..families import align_to_base
 from ..kinds import CONV1D, LINEAR
+from ..lycoris import delta_base_names
 from ..names import ModuleRef, base_conv1d, match_layers
 from ..storage import PICKLE_SUFFIXES, SafetensorsHeader, TensorInfo, build_header, read_header
 from ..validate import validate
@@ -167,12 +168,13 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
 
     for index, item in enumerate(inputs):
         adapter = item.adapter
-        if not (adapter.layers or adapter.full_tensors):
+        if not (adapter.layers or adapter.full_tensors or adapter.delta_tensors):
             raise LorahubError("no LoRA modules to merge", path=adapter.path)
         adapter.require_finite_alphas("merge")
         adapter = align_to_base(adapter, layout.model)  # a family's other naming: fused ↔ split, exactly
         match = match_layers(adapter, layout.model)
-        missing = list(match.missing) + list(match.full_missing)
+        deltas = delta_base_names(adapter, layout.model) if adapter.delta_tensors else {}
+        missing = list(match.missing) + list(match.full_missing) + [n for n, t in deltas.items() if t is None]
         if missing:
             raise LorahubError(f"{len(missing)} adapter module(s) have no weight in the base, e.g. "
                                f"'{missing[0]}' (run `lorahub validate`)", path=adapter.path)
@@ -182,10 +184,16 @@ def plan_merge(layout: BaseLayout, inputs: Sequence[AdapterInput], *, check: boo
             storage = ST_DTYPES[plan.file.header.tensors[plan.key].dtype]
             plan.ops.append(Op("replace", item.weight, tensor=tensor, adapter_index=index, storage_dtype=storage))
             plan.keep_original = True
+        for name, tensor in adapter.delta_tensors.items():  # diff/diff_b on vectors: W += c·T
+            plan_for(str(deltas[name]), item).ops.append(Op("add_tensor", item.weight, tensor=tensor,
+                                                             adapter_index=index))
         flipped: dict[bool, list[str]] = {True: [], False: []}
         for target, given in adapter.layers.items():
             ref = match.refs[target]
             layer = oriented_by_base(given, layout.model, ref)
+            if given.lycoris is not None and layer.fan_in_fan_out:
+                raise UnsupportedError(f"LyCORIS module '{given.source_name or target}' targets a transformers Conv1D "
+                                       "(in, out) weight, which LyCORIS does not adapt", path=adapter.path)
             if layer is not given:
                 flipped[layer.fan_in_fan_out].append(target)
             plan = plan_for(ref.weight, item)

@@ -193,7 +193,9 @@ def prepare_undo(path: Path, jobs: list[FileJob], plans: Sequence[TensorPlan], s
     for plan in plans:
         for op in plan.ops:
             if op.kind == "dora" and op.norm_key:
-                count = op.lora_layer.out_features
+                layer = op.lora_layer
+                # LyCORIS DoRA may norm per input channel: one norm per magnitude
+                count = layer.magnitude.numel if layer.lycoris is not None and layer.magnitude else layer.out_features
                 entries.append((op.norm_key, "F32", (count,), offset, offset + 4 * count))
                 norm_specs.append((op.norm_key, offset, count))
                 offset += 4 * count
