@@ -432,3 +432,41 @@ def test_unmerge_of_a_family_aligned_merge(flux, diffusers_file, tmp_path):
         assert ulps(value, base[name], merged[name]) <= 1.0, name  # W + ΔW − ΔW: rounded at |W + ΔW|
         changed += not torch.equal(merged[name], base[name])
     assert changed == 16
+
+
+def test_loha_on_fused_flux_modules_merges_into_both_layouts(flux, tmp_path):
+    """A LyCORIS LoHa in kohya's Flux names (`lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a`, …) on fused
+    modules: merged into the BFL file as LyCORIS's ΔW = (W1a·W1b) ⊙ (W2a·W2b)·alpha/dim, and into the diffusers
+    folder through its exact LoRA factors split by rows (q | k | v; linear1's q | k | v | mlp). Both merged models
+    are the same model: the diffusers result, renamed to BFL names by the single-file converter's inverse,
+    equals the BFL result."""
+    gen = torch.Generator().manual_seed(11)
+    original = load_file(str(flux["original"]))
+    tensors, deltas = {}, {}
+    rank, alpha = 2, 3.0
+    for module in ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1"):
+        n, k = original[module + ".weight"].shape
+        w1a, w1b = torch.randn(n, rank, generator=gen), torch.randn(rank, k, generator=gen)
+        w2a, w2b = torch.randn(n, rank, generator=gen), torch.randn(rank, k, generator=gen)
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors.update({f"{name}.hada_w1_a": w1a, f"{name}.hada_w1_b": w1b, f"{name}.hada_w2_a": w2a,
+                        f"{name}.hada_w2_b": w2b, f"{name}.alpha": torch.tensor(alpha)})
+        deltas[module + ".weight"] = (w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double()) * (alpha / rank)
+    lora = tmp_path / "loha.safetensors"
+    save_file(tensors, str(lora))
+    adapter = load_adapter(lora)
+    assert adapter.format == "lycoris" and set(adapter.layers) == {
+        "transformer.double_blocks.0.img_attn.qkv", "transformer.double_blocks.0.txt_attn.qkv",
+        "transformer.single_blocks.0.linear1"}
+    assert validate(adapter, load_base(str(flux["folder"]))).ok
+    merge(str(flux["original"]), [AdapterInput(load_adapter(lora))], tmp_path / "bfl", device="cpu")
+    bfl = load_file(str(tmp_path / "bfl" / flux["original"].name))
+    for name, value in bfl.items():
+        expected = original[name].double() + deltas[name] if name in deltas else original[name].double()
+        torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    merge(str(flux["folder"]), [AdapterInput(load_adapter(lora))], tmp_path / "split", device="cpu")
+    split = load_file(str(tmp_path / "split" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    renamed = flux_original_state(split)
+    assert set(renamed) == set(bfl)
+    for name, value in renamed.items():
+        torch.testing.assert_close(value, bfl[name], rtol=1e-6, atol=1e-6 * float(bfl[name].abs().max()))

@@ -64,10 +64,6 @@ def _refuse(adapter: Adapter, layer: LoraLayer, what: str) -> LorahubError:
 
 
 def _check_linear(adapter: Adapter, layer: LoraLayer, entry: Entry) -> None:
-    if layer.lycoris is not None:
-        raise _refuse(adapter, layer, f"a LyCORIS {layer.lycoris.algo} module on a fused/split module "
-                      f"({entry.original}) is not re-expressed in the other naming; use a base, or --to, in the "
-                      "file's own naming")
     if layer.geometry is not LINEAR:
         raise _refuse(adapter, layer, f"a {layer.kind} layer on {entry.original}, which is a linear layer")
     if layer.magnitude is not None:
@@ -87,6 +83,8 @@ def _split(adapter: Adapter, layer: LoraLayer, match: Match, prefix: str) -> lis
         target = prefix + fill(entry.parts[0].module, match.index)
         return [dataclasses.replace(layer, target=target)]
     _check_linear(adapter, layer, entry)
+    if layer.lycoris is not None:  # LoHa/LoKr/...: their exact LoRA factors A, B split like any LoRA's
+        layer = dataclasses.replace(layer, lycoris=None)
     n = layer.B.shape[0]
     total = entry.total_units
     if n % total:
