@@ -106,6 +106,42 @@ def test_merge_equals_peft_fp32(request, tmp_path, tiny_llama_dir, adapter_fixtu
     assert result.tensors_changed > 0
 
 
+class _Narrow(torch.nn.Module):
+    """Layers narrower than 16 in one dimension or both, beside a wide one: CPU BLASes take other kernels
+    for such small products, which accumulate onto W and round differently from PEFT's (B @ A) * s + W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thin_in = torch.nn.Linear(4, 32, bias=False)
+        self.thin_out = torch.nn.Linear(64, 8, bias=False)
+        self.tiny = torch.nn.Linear(8, 8, bias=False)
+        self.single = torch.nn.Linear(24, 1, bias=False)
+        self.wide = torch.nn.Linear(48, 64, bias=False)
+
+
+@pytest.mark.parametrize("alpha", [4, 3])  # s = alpha / r: a power of two (the fused path's case) and not
+def test_merge_equals_peft_on_narrow_layers(tmp_path, alpha):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(5)
+    model = _Narrow()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=alpha, target_modules=[
+        "thin_in", "thin_out", "tiny", "single", "wide"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    fresh = _Narrow()
+    fresh.load_state_dict(load_file(str(tmp_path / "base.safetensors")))
+    reference = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
+    merged = {k: v.detach() for k, v in reference.merge_and_unload().state_dict().items()}
+    merge(tmp_path / "base.safetensors", inputs(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    got = load_file(str(tmp_path / "out" / "base.safetensors"))
+    base = load_file(str(tmp_path / "base.safetensors"))
+    assert set(got) == set(merged)
+    for name, value in got.items():
+        assert not torch.equal(value, base[name]), name
+        assert torch.equal(value, merged[name]), (name, float((value - merged[name]).abs().max()))
+
+
 @pytest.mark.parametrize("adapter_fixture", ["peft_lora_dir", "peft_rslora_dir", "peft_dora_dir"])
 def test_merge_equals_peft_bf16(request, tmp_path, tiny_llama_bf16_dir, adapter_fixture):
     adapter = request.getfixturevalue(adapter_fixture)

@@ -99,6 +99,25 @@ def _is_power_of_two(value: float) -> bool:
     return value != 0 and math.isfinite(value) and math.frexp(abs(value))[0] == 0.5
 
 
+_FUSED_OK: list[bool] = []
+
+
+def _fused_matches_peft() -> bool:
+    """Whether this machine's CPU BLAS gives `W.addmm_(B·s, A)` the bits of PEFT's `W + (B @ A) * s`
+    (power-of-two s) on a few shapes of 16+ rows and columns, both orientations; once per process."""
+    if not _FUSED_OK:
+        gen = torch.Generator().manual_seed(0)
+        ok = True
+        for n, k, r in ((64, 48, 8), (16, 96, 4), (128, 16, 16), (40, 24, 1)):
+            W, up, down = (torch.randn(shape, generator=gen) for shape in ((n, k), (n, r), (r, k)))
+            expected = W + torch.mm(up, down).mul_(0.5)
+            fused = W.clone().addmm_(up * 0.5, down)
+            stored = W.T.contiguous().addmm_(down.T, (up * 0.5).T)
+            ok = ok and torch.equal(fused, expected) and torch.equal(stored.T, expected)
+        _FUSED_OK.append(ok)
+    return _FUSED_OK[0]
+
+
 def _add_delta(weight: torch.Tensor, layer: LoraLayer, coeff: float, device: torch.device,
                workspace: Workspace | None = None) -> None:
     """weight += coeff·s·ΔW in place, fp32, in the base layout, in PEFT's own order of operations.
@@ -125,8 +144,10 @@ def _add_delta(weight: torch.Tensor, layer: LoraLayer, coeff: float, device: tor
     up, down = layer.factors(device, torch.float32)
     view, transposed = _math_view(weight, layer)
     # cuBLAS's addmm accumulates the product onto W, so a merge and its unmerge would round differently:
-    # the fused form is used on CPU only, where it gives the same bits as forming the product first
-    if _is_power_of_two(scale) and weight.device.type == "cpu":
+    # the fused form is used on CPU only, where the BLAS gives the same bits as forming the product first
+    # for matrices of 16+ rows and columns (smaller ones take another kernel that accumulates onto W:
+    # 1-2 ulps off PEFT) — checked once per process on this machine's BLAS (`_fused_matches_peft`)
+    if _is_power_of_two(scale) and weight.device.type == "cpu" and min(view.shape) >= 16 and _fused_matches_peft():
         if transposed:
             view.T.addmm_(down.T, (up * scale).T)  # the stored (k, n) += (B·A)ᵀ
         else:
