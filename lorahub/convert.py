@@ -9,7 +9,6 @@ from .adapter import Adapter
 from .errors import LorahubError
 from .families.convert import to_family_naming
 from .formats import save_adapter
-from .formats.comfy_names import is_comfy_name
 from .lycoris import lycoris_for_writing
 
 
@@ -39,11 +38,6 @@ def convert_adapter(adapter: Adapter, out: Path | str, to_format: str, *, drop_f
         renamed = _sgm_unet_to_diffusers(adapter)
         warnings.append(f"renamed {renamed} SDXL UNet modules from kohya's SGM layout (input_blocks, "
                         f"middle_block, output_blocks) to diffusers names")
-    comfy = [target for target in adapter.layers if is_comfy_name(target)] if to_format != "kohya" else []
-    if comfy:  # no diffusers/PEFT reader knows ComfyUI's names: such a file would load as nothing
-        raise LorahubError(f"module '{comfy[0]}' has a ComfyUI name with no {to_format} equivalent known to lorahub "
-                           f"({len(comfy)} such module(s)); convert --to kohya, which ComfyUI and diffusers read",
-                           path=adapter.path)
     if any(layer.use_rslora for layer in adapter.layers.values()) and to_format != "peft":
         warnings.append("rsLoRA scales were re-expressed as alpha = scale·rank (same effective scale)")
     path = save_adapter(adapter, out, to_format, overwrite=overwrite)

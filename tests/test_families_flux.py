@@ -470,3 +470,34 @@ def test_loha_on_fused_flux_modules_merges_into_both_layouts(flux, tmp_path):
     assert set(renamed) == set(bfl)
     for name, value in renamed.items():
         torch.testing.assert_close(value, bfl[name], rtol=1e-6, atol=1e-6 * float(bfl[name].abs().max()))
+
+
+@pytest.mark.parametrize("first", ["kohya", "diffusers"])
+def test_blend_of_a_kohya_and_a_diffusers_flux_lora(flux, kohya_file, diffusers_file, tmp_path, first):
+    """A kohya (BFL names, fused qkv) and an ai-toolkit (diffusers names, split) Flux LoRA blend once their
+    modules are in one naming (the first adapter's): `cat` is exact, so merging the blend equals merging
+    both adapters with the same weights, into either layout; the file is in the first adapter's format
+    and naming."""
+    pair = [kohya_file, diffusers_file] if first == "kohya" else [diffusers_file, kohya_file]
+    out = tmp_path / "blend.safetensors"
+    result = run_cli("blend", pair[0], pair[1], "--weights", "0.7,0.5", "--method", "cat", "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    blended = load_adapter(out)
+    names = set(blended.layers)
+    if first == "kohya":
+        assert blended.format == "kohya" and "transformer.double_blocks.0.img_attn.qkv" in names
+    else:
+        assert "transformer.transformer_blocks.0.attn.to_q" in names and not any("double_blocks" in n for n in names)
+    for where in ("original", "folder"):
+        base = str(flux[where])
+        merge(base, [AdapterInput(load_adapter(out))], tmp_path / f"b-{where}", device="cpu")
+        merge(base, [AdapterInput(load_adapter(pair[0]), 0.7), AdapterInput(load_adapter(pair[1]), 0.5)],
+              tmp_path / f"m-{where}", device="cpu")
+        rel = "transformer/diffusion_pytorch_model.safetensors" if where == "folder" else flux["original"].name
+        got, want = load_file(str(tmp_path / f"b-{where}" / rel)), load_file(str(tmp_path / f"m-{where}" / rel))
+        base_state = flux["state"] if where == "folder" else load_file(str(flux["original"]))
+        assert set(got) == set(want) == set(base_state)
+        for name, value in got.items():
+            torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6 * float(want[name].abs().max()))
+        changed = [name for name in got if not torch.equal(got[name], base_state[name])]
+        assert len(changed) >= (12 if where == "original" else 16), changed

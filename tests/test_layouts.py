@@ -366,7 +366,7 @@ def test_comfyui_text_encoders_to_diffusers_or_peft_are_refused_not_dropped(tmp_
     """diffusers/PEFT have no reader for ComfyUI's `text_encoders.clip_l.transformer.…` names: a converted file
     would load those modules as nothing, so the conversion is refused with one line, and nothing is written."""
     lora = _comfy_flux_lora(tmp_path / "comfy.safetensors", _FLUX_REAL, text=_CLIP_L, rank=2)
-    out = tmp_path / "out"
+    out = tmp_path / ("out.safetensors" if to == "diffusers" else "out")
     result = run_cli("convert", lora, "--to", to, "--out", out)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "text_encoders.clip_l.transformer.text_model" in result.stderr and "--to kohya" in result.stderr

@@ -287,6 +287,9 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     method = _check_options(opts, len(adapters), len(weights))
     if not all(math.isfinite(w) for w in weights):
         raise OptionError(f"weights must be finite numbers, got {weights}")
+    from ..families import common_naming
+
+    adapters = common_naming(adapters)  # one diffusion transformer's two namings: the first adapter's, exactly
     check_compatible(adapters, allow_base_mismatch=opts.allow_base_mismatch)
     full_tensors, dropped_full = shared_full_tensors(adapters, drop=opts.drop_full_tensors)
     device = resolve_device(opts.device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .spec import DIFFUSERS, NAMINGS, ORIGINAL, Family, Match
 from .tables import FAMILIES
@@ -241,6 +241,26 @@ def to_naming(adapter: "Adapter", naming: str, *, family: Family | None = None,
     return convert_naming(adapter, found, wanted, prefix), found
 
 
+def common_naming(adapters: Sequence["Adapter"]) -> list["Adapter"]:
+    """Adapters of one diffusion transformer in different namings (a kohya Flux file, an ai-toolkit one, a
+    ComfyUI one) re-expressed, exactly, in the first one's naming and prefix so that their modules line up
+    (blend); unchanged when they are not all one family's or already agree."""
+    if len(adapters) < 2:
+        return list(adapters)
+    found = []
+    for adapter in adapters:
+        detected = detect_adapter(adapter)
+        if detected is None or 2 * detected.hits < len(denoiser_targets(adapter)):
+            return list(adapters)
+        found.append(detected)
+    first = found[0]
+    if any(f.family is not first.family for f in found) or \
+            all(f.naming == first.naming and f.prefix == first.prefix for f in found):
+        return list(adapters)
+    return [adapters[0], *(to_naming(adapter, first.naming, family=first.family, prefix=first.prefix)[0]
+                           for adapter in adapters[1:])]
+
+
 __all__ = ["DIFFUSERS", "FAMILIES", "NAMINGS", "ORIGINAL", "Detected", "Family", "align_to_base", "alignment_note",
-           "detect",
+           "common_naming", "detect",
            "detect_adapter", "detect_base", "detect_flat", "family_named", "metadata_family", "to_naming"]

@@ -170,6 +170,24 @@ def reserve_output(out: Path | str, format: str, *, overwrite: bool = False,
                           inputs=[("adapter", p) for adapter in sources for p in adapter_sources(adapter)])
 
 
+def in_readers_naming(adapter: Adapter, name: str) -> Adapter:
+    """`adapter` with module names that format `name`'s readers load: written in another format than it was
+    read in, a diffusion transformer's modules take that format's naming (`lorahub.families`: diffusers
+    names for diffusers/PEFT, kohya's for kohya); ComfyUI-named modules, which no diffusers or PEFT reader
+    knows, are refused for those formats rather than written as a file that loads as nothing."""
+    from ..families.convert import to_family_naming
+    from .comfy_names import is_comfy_name
+
+    if name != adapter.format:
+        adapter, _ = to_family_naming(adapter, name)
+    comfy = [target for target in adapter.layers if is_comfy_name(target)] if name != "kohya" else []
+    if comfy:
+        raise LorahubError(f"module '{comfy[0]}' has a ComfyUI name with no {name} equivalent known to lorahub "
+                           f"({len(comfy)} such module(s)); write --to kohya, which ComfyUI and diffusers read",
+                           path=adapter.path)
+    return adapter
+
+
 def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None, *, overwrite: bool = False,
                  inputs: Iterable[InputSpec] = ()) -> Path:
     """Write `adapter` at `out` (a directory for PEFT, a file otherwise) under the output policy
@@ -179,6 +197,7 @@ def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None, *
 
     name = format or (adapter.format if adapter.format in FORMATS else "peft")
     path, kind = output_target(out, name)
+    adapter = in_readers_naming(adapter, name)
     fmt = _REGISTRY[name]
     assert fmt.write is not None
     sources = [("adapter", p) for p in adapter_sources(adapter)]
@@ -195,5 +214,5 @@ def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None, *
 
 
 __all__ = ["FORMATS", "READ_FORMATS", "Format", "adapter_sources", "all_formats", "detect_by_keys", "get_format",
-           "is_adapter_state", "load_adapter", "marker_files", "output_target", "require_modules",
+           "in_readers_naming", "is_adapter_state", "load_adapter", "marker_files", "output_target", "require_modules",
            "reserve_output", "save_adapter"]
