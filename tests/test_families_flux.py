@@ -501,3 +501,41 @@ def test_blend_of_a_kohya_and_a_diffusers_flux_lora(flux, kohya_file, diffusers_
             torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6 * float(want[name].abs().max()))
         changed = [name for name in got if not torch.equal(got[name], base_state[name])]
         assert len(changed) >= (12 if where == "original" else 16), changed
+
+
+def _comfy_name(kohya_module: str) -> str:
+    """sd-scripts' flattened Flux module name (`lora_unet_double_blocks_0_img_attn_qkv`) as ComfyUI names the
+    module: its BFL path, dotted, under `diffusion_model.`."""
+    block, _, rest = kohya_module.removeprefix("lora_unet_").partition("_blocks_")
+    index, _, leaf = rest.partition("_")
+    dotted = {"img_mod_lin": "img_mod.lin", "txt_mod_lin": "txt_mod.lin", "img_attn_qkv": "img_attn.qkv",
+              "txt_attn_qkv": "txt_attn.qkv", "img_attn_proj": "img_attn.proj", "txt_attn_proj": "txt_attn.proj",
+              "img_mlp_0": "img_mlp.0", "img_mlp_2": "img_mlp.2", "txt_mlp_0": "txt_mlp.0", "txt_mlp_2": "txt_mlp.2",
+              "linear1": "linear1", "linear2": "linear2", "modulation_lin": "modulation.lin"}[leaf]
+    return f"diffusion_model.{block}_blocks.{index}.{dotted}"
+
+
+@pytest.mark.parametrize("to", ["diffusers", "peft", "kohya"])
+def test_comfyui_flux_file_against_the_diffusers_folder(flux, kohya_file, tmp_path, to):
+    """A ComfyUI Flux LoRA (`diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`: the kohya file's
+    tensors under ComfyUI's names) validates against the diffusers folder, merges into it as diffusers fuses
+    the same LoRA, and converts to files the peers load with every module and the same fused weights."""
+    comfy = {}
+    for key, value in load_file(str(kohya_file)).items():
+        module, _, suffix = key.partition(".")
+        comfy[f"{_comfy_name(module)}.{suffix}"] = value
+    lora = tmp_path / "comfy.safetensors"
+    save_file(comfy, str(lora))
+    adapter = load_adapter(lora)
+    assert all(t.startswith("diffusion_model.") for t in adapter.layers) and len(adapter.layers) == 12
+    assert validate(adapter, load_base(str(flux["folder"]))).ok
+    reference, loaded = diffusers_fused(flux["folder"], kohya_file)
+    merge(str(flux["folder"]), [AdapterInput(load_adapter(lora))], tmp_path / "merged", device="cpu")
+    got = load_file(str(tmp_path / "merged" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert assert_merged(got, reference, flux["state"]) == loaded
+    out = tmp_path / ("peft" if to == "peft" else f"{to}.safetensors")
+    result = run_cli("convert", lora, "--to", to, "--out", out)
+    assert result.returncode == 0, result.stderr
+    got, count = peft_fused(flux["folder"], out) if to == "peft" else diffusers_fused(flux["folder"], out)
+    assert count == loaded  # every module loaded: none silently skipped
+    assert_merged(got, reference, flux["state"])
