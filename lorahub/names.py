@@ -202,7 +202,8 @@ def match_layers(adapter: "Adapter", base: "BaseModel") -> NameMatch:
             result.full_tensors[name] = found
 
     for target in getattr(adapter, "other_modules", {}) or {}:
-        ref = index.modules.get(target) or _first(index.flat.get(target.replace(".", "_"), []), index)
+        ref = next((index.modules[n] for n in (target, *comfy_base_candidates(target)) if n in index.modules), None) \
+            or _first(index.flat.get(target.replace(".", "_"), []), index)
         if ref is None and rule is not None:
             module = _apply_rule(rule, target)
             ref = index.modules.get(module) if module else None

@@ -143,3 +143,42 @@ def test_registry_validates_musubi_and_diffusers_wan_files(tmp_path, registry):
     assert report.ok and report.matched == 300, report.problems[:3]
     wrong = validate(load_adapter(musubi), load_manifest("wan2.1-t2v-14b"))
     assert not wrong.ok
+
+
+def test_wan_comfy_file_with_diff_b_and_norm_diffs(wan, tmp_path):
+    """The Wan LoRAs most people download (lightx2v/CausVid style: `diffusion_model.blocks.0.self_attn.q.lora_down.weight`,
+    `.alpha`, a `.diff_b` bias delta per module, `.diff` on norms): merged into the diffusers folder and the
+    original file as diffusers loads and fuses the LoRA and its diff_b (PEFT `lora_bias`); the norm diffs,
+    which diffusers 0.42 drops with a debug message, are added as ComfyUI adds them; nothing is dropped."""
+    import re
+
+    gen = torch.Generator().manual_seed(31)
+    tensors = {}
+    for module, (n, k) in wan_musubi_modules(DIM, WAN_TINY["ffn_dim"], WAN_TINY["num_layers"]).items():
+        name = "diffusion_model." + re.sub(r"^blocks_(\d+)_(self_attn|cross_attn|ffn)_", r"blocks.\1.\2.", module)
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, k, generator=gen) * 0.1
+        tensors[f"{name}.lora_up.weight"] = torch.randn(n, 4, generator=gen) * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+        tensors[f"{name}.diff_b"] = torch.randn(n, generator=gen) * 0.01
+    norm = torch.randn(DIM, generator=gen) * 0.01
+    lora = tmp_path / "wan_lightx2v_style.safetensors"
+    save_file(tensors, str(lora))
+    reference, loaded = diffusers_fused(wan["folder"], lora, "WanPipeline")
+    assert loaded == len(load_adapter(lora).layers) == 2 * 10
+    with_norm = tmp_path / "with_norm.safetensors"
+    save_file({**tensors, "diffusion_model.blocks.0.norm3.diff": norm}, str(with_norm))
+    assert validate(load_adapter(with_norm), load_base(str(wan["folder"]))).ok
+    for into in ("folder", "original"):
+        base = wan["folder"] if into == "folder" else wan["original"]
+        merge(str(base), [AdapterInput(load_adapter(lora))], tmp_path / f"out-{into}", device="cpu")
+        merge(str(base), [AdapterInput(load_adapter(with_norm))], tmp_path / f"norm-{into}", device="cpu")
+        rel = "transformer/diffusion_pytorch_model.safetensors" if into == "folder" else wan["original"].name
+        got = load_file(str(tmp_path / f"out-{into}" / rel))
+        ref = reference if into == "folder" else wan_original_state(reference)
+        base_state = wan["state"] if into == "folder" else load_file(str(wan["original"]))
+        changed = assert_merged(got, ref, base_state)
+        assert changed == 2 * 10 * 2  # every module's weight and bias: diff_b applied, not dropped
+        normed = load_file(str(tmp_path / f"norm-{into}" / rel))
+        key = "blocks.0.norm2.weight" if into == "folder" else "blocks.0.norm3.weight"
+        assert torch.equal(normed[key], base_state[key] + norm)
+        assert all(torch.equal(normed[k], got[k]) for k in got if k != key)

@@ -73,6 +73,14 @@ WAN = Family(
         rename("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
         rename("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
         rename("head.head", "proj_out"),
+        # norms (what `.diff`/`.diff_b` deltas on vectors name): diffusers swaps norm2 and norm3
+        rename(_W + "norm2", _W + "norm3"),
+        rename(_W + "norm3", _W + "norm2"),
+        *(rename(_W + f"{attn}.{norm}", _W + f"{new}.{norm}")
+          for attn, new in (("self_attn", "attn1"), ("cross_attn", "attn2")) for norm in ("norm_q", "norm_k")),
+        rename(_W + "cross_attn.norm_k_img", _W + "attn2.norm_added_k"),
+        rename("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+        rename("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
     ),
 )
 

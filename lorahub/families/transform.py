@@ -22,7 +22,7 @@ from ..adapter import Adapter, LazyTensor, LoraLayer
 from ..errors import LorahubError
 from ..kinds import LINEAR
 from ..lazy import torch
-from .spec import Entry, Match, fill
+from .spec import DIFFUSERS, Entry, Match, fill
 
 if TYPE_CHECKING:
     from . import Detected
@@ -210,7 +210,8 @@ def convert_naming(adapter: Adapter, found: "Detected", naming: str, prefix: str
             match = found.matches.get(target)
             new = prefix + match.name if match is not None else target
             _add(adapter, layers, dataclasses.replace(layer, target=new) if new != target else layer)
-        return _with_layers(adapter, layers)
+        return dataclasses.replace(_with_layers(adapter, layers),
+                                   delta_tensors=_renamed_deltas(adapter, found, naming, prefix))
     groups: dict[tuple[int, str | None], tuple[Entry, dict[str, LoraLayer]]] = {}
     for target, layer in adapter.layers.items():
         match = found.matches.get(target)
@@ -228,7 +229,27 @@ def convert_naming(adapter: Adapter, found: "Detected", naming: str, prefix: str
             groups.setdefault(key, (match.entry, {}))[1][match.name] = layer
     for (_, index), (entry, parts) in groups.items():
         _add(adapter, layers, _fuse(adapter, entry, index, parts, prefix))
-    return _with_layers(adapter, layers)
+    return dataclasses.replace(_with_layers(adapter, layers), delta_tensors=_renamed_deltas(adapter, found, naming,
+                                                                                           prefix))
+
+
+def _renamed_deltas(adapter: Adapter, found: "Detected", naming: str, prefix: str) -> dict[str, LazyTensor]:
+    """`diff`/`diff_b` deltas on vectors (`<module>.weight|bias`) under their modules' names in `naming`:
+    renamed modules (Wan's norms) follow the table; others keep their names (merge and validate report a
+    name the base lacks, never drop it)."""
+    family, out = found.family, {}
+    for name, tensor in adapter.delta_tensors.items():
+        target, _, role = name.rpartition(".")
+        bare = target[len(found.prefix):] if found.prefix and target.startswith(found.prefix) else target
+        match = family.lookup(bare, found.naming)
+        new = target
+        if match is not None and (match.entry is None or found.naming == naming):
+            new = prefix + bare
+        elif match is not None and match.entry is not None and match.entry.is_rename:
+            other = match.entry.parts[0].module if naming == DIFFUSERS else match.entry.original
+            new = prefix + fill(other, match.index)
+        out[f"{new}.{role}"] = tensor
+    return out
 
 
 def _add(adapter: Adapter, layers: dict[str, LoraLayer], layer: LoraLayer) -> None:
