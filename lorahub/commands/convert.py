@@ -33,13 +33,16 @@ def convert_command(src, to_format, out, overwrite, drop_full_tensors, lycoris_b
     """Convert an adapter between PEFT, kohya/A1111 and diffusers formats, keeping every layer's
     effective scale exactly (alpha is re-expressed where a format has no rsLoRA). LyCORIS files
     (LoHa, LoKr, LoCon, full) are written as plain LoRA layers of exactly the same delta
-    (docs/lycoris.md); LoHa/LoKr files need --base.
+    (docs/lycoris.md); LoHa/LoKr files need --base. Flux, SD3, Wan, HunyuanVideo, LTX-Video and
+    Qwen-Image modules are written in the names the target format's readers load (diffusers names
+    for diffusers/PEFT, kohya's for kohya; fused q/k/v split or joined exactly).
 
     \b
     Examples:
       lorahub convert ./peft-lora --to kohya --out lora.safetensors
       lorahub convert lora.safetensors --to peft --out ./peft-lora
       lorahub convert loha.safetensors --base sdxl-base --to kohya --out lora.safetensors
+      lorahub convert flux_kohya.safetensors --to diffusers --out flux_diffusers.safetensors
     """
     import time
 
