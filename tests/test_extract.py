@@ -257,7 +257,29 @@ def test_grouped_route_equals_the_one_layer_route(tmp_path, monkeypatch):
         assert abs(error - _rel(_adapter_delta(results["0"].adapter.layers[target]), delta)) <= 1e-4 * error
 
 
-def test_dynamic_rank_rules_match_the_exact_spectrum(spectrum_pair):
+@pytest.mark.parametrize("method, param", [("sv_fro", 0.9), ("sv_ratio", 6.0), ("sv_fro", 0.9995)])
+def test_grouped_route_dynamic_ranks_equal_the_one_layer_route(tmp_path, monkeypatch, method, param):
+    """A dynamic rule in the grouped route decides each layer's rank on its own sketch, as the one-layer
+    route does; a layer whose sketch cannot decide (sv_fro 0.9995 here) takes the one-layer route, which
+    grows the sketch (here up to the exact SVD). Same ranks, routes and errors either way."""
+    _grouped_pair(tmp_path)
+    results = {}
+    for batch in ("0", "1"):
+        monkeypatch.setenv(BATCH_ENV, batch)
+        results[batch] = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", None,
+                                 method=method, param=param, device="cpu")
+    one, grouped = results["0"].report, results["1"].report
+    assert grouped.unchanged == one.unchanged and len(one.layers) == 7
+    assert [(r.target, r.rank, r.svd, r.sketch) for r in grouped.layers] == \
+        [(r.target, r.rank, r.svd, r.sketch) for r in one.layers]
+    assert len({r.rank for r in one.layers}) > 1 or method == "sv_fro" and param > 0.999  # ranks differ per shape
+    for a, b in zip(one.layers, grouped.layers):
+        assert abs(a.rel_error - b.rel_error) <= 1e-4 * a.rel_error + 1e-7, (a.target, a.rel_error, b.rel_error)
+
+
+@pytest.mark.parametrize("batch", ["0", "1"])
+def test_dynamic_rank_rules_match_the_exact_spectrum(spectrum_pair, batch, monkeypatch):
+    monkeypatch.setenv(BATCH_ENV, batch)  # "1": the GPU's grouped route, here on the CPU
     base_file, tuned_file, base, tuned = spectrum_pair
     from lorahub.lowrank import choose_rank
 

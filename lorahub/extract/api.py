@@ -327,21 +327,31 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
     def group_key(pair: Pair) -> GroupKey | None:
         """The group a layer is factored in (batched route), or None for the one-layer route."""
         layer_rule = conv_rule if pair.spatial else rule
-        if exact or layer_rule.method != "fixed" or layer_rule.rank is None:
+        if exact or layer_rule.method not in ("fixed", "sv_fro", "sv_ratio"):
+            return None
+        if layer_rule.method == "fixed" and layer_rule.rank is None:
             return None
         assert pair.kind is not None
         n = pair.out_features
         k = pair.numel // n
         full_rank = min(n, k)
-        width = min(layer_rule.rank + oversample, full_rank)
+        first = layer_rule.rank if layer_rule.rank is not None else _svd.DEFAULT_SKETCH
+        width = min(first + oversample, full_rank)
         if full_rank <= _svd.EXACT_BELOW or 2 * width > full_rank:  # decompose() takes the exact SVD for these
             return None
-        return GroupKey(n, k, pair.kind.transposed, min(layer_rule.rank, width), width,
-                        dtype or ST_DTYPES[pair.tuned.dtype])
+        return GroupKey(n, k, pair.kind.transposed, min(first, width), width, dtype or ST_DTYPES[pair.tuned.dtype],
+                        layer_rule, oversample)
+
+    def one_layer(pair: Pair, matrix: torch.Tensor, norm: float) -> None:
+        layer_rule = conv_rule if pair.spatial else rule
+        name, row, layer = _factor(pair, matrix, norm, rule=layer_rule, dtype=dtype, split=split, exact=exact,
+                                   power_iters=power_iters, oversample=oversample, seed=seed)
+        rows[name], layers[name] = row, layer
 
     def flush(group) -> None:
         t0 = time.perf_counter()
-        done, unchanged, bad = factor_group(group, power_iters=power_iters, split=split, seed=seed)
+        done, unchanged, bad = factor_group(group, power_iters=power_iters, split=split, seed=seed,
+                                            one_layer=one_layer)
         if bad:
             raise LorahubError("ΔW is not finite: the base or the tuned tensor holds NaN or Inf, or their "
                                "difference overflows float32", path=bad[0].tuned.path, key=bad[0].name)

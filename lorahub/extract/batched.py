@@ -14,7 +14,9 @@ dtype; a full group (or the end of the stream) is factored at once with batched 
 orth is `lowrank._Basis` ("cholesky": CholeskyQR2 in float64, batched, with a per-matrix Householder
 fallback for rank-deficient panels), the b cores' SVDs run in float64 on the host in one batched call,
 the residuals ‖ΔW − B·A‖ in one batched update: one host round trip per step for the whole group.
-Only fixed-rank randomized layers batch; exact, dynamic-rank and tiny layers keep the one-layer route.
+Fixed-rank and `sv_fro`/`sv_ratio` layers batch (a dynamic rule decides each layer's rank on its own
+sketch; a layer whose sketch is too small to decide takes the one-layer route, which grows it); exact,
+`sv_cumulative` (it needs every singular value) and small layers keep the one-layer route.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from ..lowrank import _Basis, _parallel_svd, split_factors_batched
 from .plan import Pair
+from .svd import RankRule, _decide
 
 # a group's ΔW slots: at most this many bytes and `MAX_BATCH` layers (a smaller share on a small GPU)
 GROUP_BYTES = 2 << 30
@@ -65,9 +68,11 @@ class GroupKey:
     n: int
     k: int
     transposed: bool  # the math view is the stored (k, n) matrix transposed (Conv1D, embeddings)
-    rank: int
-    width: int  # the sketch size l = rank + oversample
+    rank: int  # the fixed rank, or a dynamic rule's cap (≤ width)
+    width: int  # the sketch size l = rank (or the first sketch of a dynamic rule) + oversample
     dtype: torch.dtype  # the factors' output dtype
+    rule: RankRule = RankRule()  # fixed (`rank`) or sv_fro / sv_ratio, decided per layer on its sketch
+    oversample: int = 0
 
 
 @dataclass
@@ -102,10 +107,13 @@ class Factored:
     S: Tensor  # float64, CPU: the sketch's singular values
 
 
-def factor_group(group: Group, *, power_iters: int, split: str, seed: int) -> tuple[list[Factored], list[Pair],
-                                                                                   list[Pair]]:
+def factor_group(group: Group, *, power_iters: int, split: str, seed: int,
+                 one_layer: Callable[[Pair, Tensor, float], None] | None = None) -> tuple[list[Factored], list[Pair],
+                                                                                      list[Pair]]:
     """Factor a group's layers: (factored, unchanged (ΔW = 0), not finite), and empty the group (its slots
-    are overwritten with the residuals)."""
+    are overwritten with the residuals). A dynamic rule's rank is decided per layer on its sketch's values
+    (`svd._decide`); a layer whose sketch is too small to decide goes to `one_layer(pair, matrix, norm)`
+    (the one-layer route, which grows the sketch) before the slots are overwritten."""
     key = group.key
     M = group.matrices()
     norms = torch.linalg.vector_norm(M, dim=(1, 2)).tolist()  # one round trip
@@ -122,16 +130,36 @@ def factor_group(group: Group, *, power_iters: int, split: str, seed: int) -> tu
     omegas = torch.stack([torch.randn((key.k, key.width), generator=layer_generator(pair, seed, dev), device=dev,
                                       dtype=M.dtype) for pair in pairs])
     U, S, Vh = randomized_svd_batched(M, omegas, power_iters=power_iters)
-    r = key.rank
-    ups, downs = split_factors_batched(U[:, :, :r], S[:, :r].to(device=dev), Vh[:, :r], split)
+    kept_norms = [norms[i] for i in keep]
+    if key.rule.method == "fixed":
+        ranks: list[int | None] = [key.rank] * len(pairs)
+    else:
+        full = min(key.n, key.k)
+        ranks = [_decide(S[i], kept_norms[i] ** 2, full, key.rule, key.oversample) for i in range(len(pairs))]
+        ranks = [None if r is None else max(1, min(r, key.width)) for r in ranks]
+    for i, r in enumerate(ranks):
+        if r is None:  # the sketch cannot tell: the one-layer route, on the slot as it still is
+            assert one_layer is not None, "a dynamic rule needs the one-layer route for undecided layers"
+            one_layer(pairs[i], M[i], kept_norms[i])
+    live = [i for i, r in enumerate(ranks) if r is not None]
+    if not live:
+        return [], unchanged, []
+    top = max(r for r in ranks if r is not None)
+    ups, downs = split_factors_batched(U[:, :, :top], S[:, :top].to(device=dev), Vh[:, :top], split)
+    if top != min(r for r in ranks if r is not None):  # ranks differ: zero each layer's columns beyond its rank
+        mask = torch.tensor([[j < (r or 0) for j in range(top)] for r in ranks], dtype=ups.dtype, device=dev)
+        ups, downs = ups * mask[:, None, :], downs * mask[:, :, None]
     if key.transposed and len(keep) == len(norms):  # update the stored (k, n) slots in place
         M.mT.baddbmm_(downs.mT, ups.mT, alpha=-1.0)
     else:
         M.baddbmm_(ups, downs, alpha=-1.0)
     residuals = torch.linalg.vector_norm(M, dim=(1, 2)).tolist()
     ups_out, downs_out = ups.to(key.dtype).cpu(), downs.to(key.dtype).cpu()
-    done = [Factored(pair, ups_out[i], downs_out[i], norms[keep[i]], residuals[i], S[i])
-            for i, pair in enumerate(pairs)]
+    done = []
+    for i in live:
+        r = ranks[i]
+        assert r is not None
+        done.append(Factored(pairs[i], ups_out[i][:, :r], downs_out[i][:r], kept_norms[i], residuals[i], S[i]))
     return done, unchanged, []
 
 
