@@ -81,6 +81,10 @@ def build_layer(path: Path, source: TensorSource, module: str, target: str, algo
         raise LorahubError(f"LoKr module '{module}' has lokr_t1, which LyCORIS never applies", path=path,
                            key=roles["t1"])
     tensors = {role: source.lazy(key) for role, key in roles.items()}
+    for role, tensor in tensors.items():
+        if tensor.numel == 0:  # plan() would divide by a rank of 0; ΔW of a 0-wide factor is no layer
+            raise LorahubError(f"empty LyCORIS factor (shape {list(tensor.shape)}, 0 elements)", path=path,
+                               key=roles[role])
     alpha = source.scalar(lora_keys["alpha"]) if "alpha" in lora_keys else None
     try:
         n, in_shape, scale, rank = plan(algo, {r: t.shape for r, t in tensors.items()}, alpha, module)
