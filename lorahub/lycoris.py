@@ -76,6 +76,9 @@ class LycorisModule:
     dora_on_out: bool | None = None  # DoRA: norm per output row (True) or per input channel (False)
     keys: dict[str, str] = field(default_factory=dict)  # role -> file key, for messages
     resolved: bool = False  # flattened factors matched against a base layer (`resolve_with_base`)
+    # A and B split the unscaled dense ΔW (rank min(n, k)): the identity's rank (r1·r2, ρ1·ρ2, r) is
+    # larger than that, so its factors would be larger than ΔW itself (`dense_when_smaller`)
+    dense: bool = False
 
     @property
     def in_features(self) -> int:
@@ -290,8 +293,29 @@ def _tucker_down(t: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     return torch.einsum("i j ..., j r -> i r ...", t, wb).reshape(t.shape[0], -1)
 
 
+def dense_when_smaller(mod: LycorisModule) -> LycorisModule:
+    """The module with `dense` set when its factorisation's rank R exceeds min(n, k): R = r1·r2 of a LoHa
+    (or ρ1·ρ2 of a LoKr) grows with the product of the stored ranks, so a small file could claim factors
+    of terabytes; splitting ΔW itself (`_split_full`, exact, no rounding) is then smaller."""
+    import dataclasses
+
+    bound = min(mod.out_features, mod.in_features)
+    if mod.rank <= bound or mod.algo == "full":
+        return mod
+    return dataclasses.replace(mod, rank=bound, dense=True)
+
+
+def _unscaled_delta(mod: LycorisModule, device=None) -> torch.Tensor:
+    """ΔW / scale as an (n × k) matrix, in LyCORIS's order of operations (the layer applies the scale)."""
+    import dataclasses
+
+    return dense_delta(dataclasses.replace(mod, scale=1.0), device).reshape(mod.out_features, -1)
+
+
 def lora_up(mod: LycorisModule, device=None) -> torch.Tensor:
     """B (n×R), unscaled, fp32."""
+    if mod.dense:
+        return _split_full(_unscaled_delta(mod, device))[0]
     g = mod.load
     if mod.algo == "loha":
         if "t1" in mod.tensors:
@@ -310,6 +334,8 @@ def lora_up(mod: LycorisModule, device=None) -> torch.Tensor:
 
 def lora_down(mod: LycorisModule, device=None) -> torch.Tensor:
     """A (R×k), fp32, k = in·kh·kw (columns in the base weight's flattening order)."""
+    if mod.dense:
+        return _split_full(_unscaled_delta(mod, device))[1]
     g = mod.load
     if mod.algo == "loha":
         if "t1" in mod.tensors:

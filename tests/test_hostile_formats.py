@@ -12,6 +12,7 @@ convert --to peft|kohya|diffusers, resize --rank and blend.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -381,3 +382,29 @@ def test_alpha_option_that_is_no_lora_alpha_is_a_usage_error(alpha, needle, tmp_
                  ["blend", weights, weights, "-w", "1,1", "--out", tmp_path / "out"]):
         refused([*args, "--alpha", alpha], tmp_path, ("--alpha", needle), code=2,
                 inputs=(weights / "adapter_model.safetensors",))
+
+
+# ---------------------------------------------------------------------------------------------
+# a huge rank claimed by a small file
+
+
+def test_loha_whose_rank_product_exceeds_the_matrix_is_factored_through_its_delta(base, tmp_path):
+    """A LoHa's exact LoRA factorisation has rank r1·r2: 512·512 = 262,144 on an 8 × 16 layer from a 200 KB
+    file (8,192 and a 1 MB file: 64 GB of factors). Past min(n, k) the factors split ΔW itself (rank 8),
+    exactly: the converted file's ΔW is LyCORIS's forward delta."""
+    from safetensors.torch import load_file
+
+    r = 512
+    tensors = loha(hada_w1_a=rn(8, r), hada_w1_b=rn(r, 16), hada_w2_a=rn(8, r), hada_w2_b=rn(r, 16),
+                   alpha=torch.tensor(4.0))
+    adapter = _write(tmp_path, "wide", tensors)
+    run_cli("convert", adapter, "--to", "kohya", "--base", base, "--out", tmp_path / "k.safetensors", check=True,
+            env=ENV)
+    out = load_file(str(tmp_path / "k.safetensors"))
+    down, up, alpha = (out[f"{M}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+    assert down.shape == (8, 16) and up.shape == (8, 8)
+    t = {k.rsplit(".", 1)[1]: v for k, v in tensors.items()}
+    delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (4.0 / r)
+    torch.testing.assert_close(up @ down * (alpha / 8), delta, rtol=1e-5, atol=1e-7)
+    info = json.loads(run_cli("inspect", adapter, "--json", check=True, env=ENV).stdout)
+    assert info["rank"] == 8

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..adapter import LazyTensor, LoraLayer
 from ..errors import LorahubError
-from ..lycoris import LycorisModule, factor_tensors, plan
+from ..lycoris import LycorisModule, dense_when_smaller, factor_tensors, plan
 from .common import TensorSource
 
 # key suffix -> (algorithm, role)
@@ -90,8 +90,9 @@ def build_layer(path: Path, source: TensorSource, module: str, target: str, algo
         n, in_shape, scale, rank = plan(algo, {r: t.shape for r, t in tensors.items()}, alpha, module)
     except LorahubError as exc:
         raise LorahubError(str(exc), path=path) from None
-    mod = LycorisModule(algo=algo, tensors=tensors, out_features=n, in_shape=in_shape, scale=scale, rank=rank,
-                        keys=roles)
+    mod = dense_when_smaller(LycorisModule(algo=algo, tensors=tensors, out_features=n, in_shape=in_shape,
+                                           scale=scale, rank=rank, keys=roles))
+    rank = mod.rank
     if algo in ("locon", "full"):
         mod.resolved = True  # the factors' own shapes are the layer's
     magnitude = None
