@@ -272,6 +272,14 @@ def kohya(modules: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def peft_style(modules: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """ComfyUI names with PEFT suffixes (`<module>.lora_A.weight`), as ComfyUI-compatible trainers save."""
+    tensors = {}
+    for name, (n, k) in modules.items():
+        tensors.update({f"{name}.lora_A.weight": rn(2, k), f"{name}.lora_B.weight": rn(n, 2)})
+    return tensors
+
+
 QKV1 = "double_blocks.0.processor.qkv_lora1"
 FLUX_READ_REFUSED = {
     "xlabs-extra-alpha": (lambda: xlabs(**{f"{QKV1}.alpha": torch.tensor(1.0)}),
@@ -289,6 +297,10 @@ FLUX_READ_REFUSED = {
                             ("'diffusion_model..x'", "empty path segment")),
     "comfy-trailing-dot": (lambda: kohya({"diffusion_model.double_blocks.0.img_attn.": (D, D)}),
                            ("empty path segment",)),
+    "comfy-peft-empty-segment": (lambda: peft_style({"diffusion_model..x": (D, D)}),
+                                 ("diffusion_model..x.lora_A.weight", "empty path segment")),
+    "comfy-peft-kohya-name-inside": (lambda: peft_style({"diffusion_model.lora_unet_double_blocks_0_img_attn_qkv":
+                                                         (3 * D, D)}), ("kohya name",)),
     "comfy-kohya-name-inside": (lambda: kohya({"diffusion_model.lora_unet_double_blocks_0_img_attn_qkv": (3 * D, D)}),
                                 ("kohya name 'lora_unet_double_blocks_0_img_attn_qkv'",)),
 }
