@@ -50,7 +50,7 @@ def dotted_name_problem(module: str) -> str | None:
     parts = module.split(".")
     if not all(parts):
         return "has an empty path segment"
-    kohya = next((part for part in parts if part.startswith(_KOHYA_HEADS)), None)
+    kohya = next((part for part in parts if part.startswith(_KOHYA_HEADS)), None) if len(parts) > 1 else None
     if kohya is not None:
         return f"holds the kohya name '{kohya}' inside a dotted path"
     return None
