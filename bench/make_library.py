@@ -24,8 +24,9 @@ ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
-                      metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file with these (name, dtype, shape) tensors; the data section is a hole."""
+                      metadata: dict[str, str] | None = None, values: dict[str, bytes] | None = None) -> None:
+    """A safetensors file with these (name, dtype, shape) tensors; the data section is a hole, except
+    the raw bytes in `values` {name: data}."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -43,6 +44,9 @@ def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...]]
         handle.write(struct.pack("<Q", len(raw)))
         handle.write(raw)
         handle.truncate(8 + len(raw) + offset)
+        for name, data in (values or {}).items():
+            handle.seek(8 + len(raw) + header[name]["data_offsets"][0])
+            handle.write(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +156,10 @@ def lycoris_loha_file(path: Path, unet: list[tuple], rank: int) -> dict:
         entries += [(f"{flat}.alpha", "F16", ()), (f"{flat}.hada_w1_a", "F16", (out_f, rank)),
                     (f"{flat}.hada_w1_b", "F16", (rank, inner)), (f"{flat}.hada_w2_a", "F16", (out_f, rank)),
                     (f"{flat}.hada_w2_b", "F16", (rank, inner))]
+    # alpha 1 (as the metadata says): a LyCORIS alpha of 0 is refused (LyCORIS and ComfyUI read it differently)
     write_safetensors(path, entries, {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(rank),
-                                      "ss_network_alpha": "1", "ss_base_model_version": "sd_v1"})
+                                      "ss_network_alpha": "1", "ss_base_model_version": "sd_v1"},
+                      values={name: struct.pack("<e", 1.0) for name, _, _ in entries if name.endswith(".alpha")})
     return {"format": "lycoris", "rank": None, "modules": 0, "lycoris": len(unet)}
 
 

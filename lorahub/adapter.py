@@ -334,10 +334,12 @@ class Adapter:
                                f"{more}; {operation} refuses it", path=self.path)
 
     def odd_factor_dtypes(self) -> list[tuple[str, str]]:
-        """(key, dtype) of every factor tensor (A, B, DoRA magnitude, LoRA bias) whose dtype is not a
+        """(key, dtype) of every factor tensor (A, B, DoRA magnitude, LoRA bias, a LyCORIS module's own
+        factors: its A and B are computed in fp32 from them) whose dtype is not a
         floating-point type lorahub computes with (`FACTOR_DTYPES`)."""
         return [(tensor.key or layer.target, tensor.dtype) for layer in self.layers.values()
-                for tensor in (layer.A, layer.B, layer.magnitude, layer.bias)
+                for tensor in (layer.A, layer.B, layer.magnitude, layer.bias,
+                               *(layer.lycoris.tensors.values() if layer.lycoris is not None else ()))
                 if tensor is not None and tensor.dtype not in FACTOR_DTYPES]
 
     def assume_alpha(self, alpha: float) -> None:

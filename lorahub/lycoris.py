@@ -76,6 +76,9 @@ class LycorisModule:
     dora_on_out: bool | None = None  # DoRA: norm per output row (True) or per input channel (False)
     keys: dict[str, str] = field(default_factory=dict)  # role -> file key, for messages
     resolved: bool = False  # flattened factors matched against a base layer (`resolve_with_base`)
+    # A and B split the unscaled dense ΔW (rank min(n, k)): the identity's rank (r1·r2, ρ1·ρ2, r) is
+    # larger than that, so its factors would be larger than ΔW itself (`dense_when_smaller`)
+    dense: bool = False
 
     @property
     def in_features(self) -> int:
@@ -128,6 +131,14 @@ def plan(algo: str, shapes: dict[str, Shape], alpha: float | None, module: str) 
             raise _fail(module, f"{algo} factor {role} has shape {list(shape)}")
         return shape
 
+    def scale_of(dim: int) -> float:
+        if alpha is None:
+            return 1.0
+        if alpha == 0:  # LyCORIS: alpha 0 means alpha = dim (scale 1); ComfyUI: scale 0 — they disagree
+            raise _fail(module, "alpha is 0, which LyCORIS applies as alpha = dim (scale 1) and ComfyUI as scale 0; "
+                        "set alpha to the scale·dim you mean")
+        return alpha / dim
+
     if algo == "loha":
         need("w1a", "w1b", "w2a", "w2b")
         tucker = "t1" in shapes or "t2" in shapes
@@ -147,10 +158,13 @@ def plan(algo: str, shapes: dict[str, Shape], alpha: float | None, module: str) 
             if not (r1 == r1b and r2 == r2b and n == n2 and k == k2):
                 raise _fail(module, "LoHa factors do not fit together: " + _shapes(shapes))
             in_shape = (k,)
-        dim = shapes["w1b"][0]
-        scale = 1.0 if alpha is None else alpha / dim
-        return n, in_shape, scale, r1 * r2
+        return n, in_shape, scale_of(shapes["w1b"][0]), r1 * r2
     if algo == "lokr":
+        for side, parts in (("w1", ("w1a", "w1b")), ("w2", ("w2a", "w2b", "t2"))):
+            both = [r for r in parts if r in shapes]
+            if side in shapes and both:  # LyCORIS would apply the full one and ignore the others
+                raise _fail(module, f"LoKr has both a full {side} and its factors {', '.join(both)}; a file "
+                            "holds one or the other")
         if "w1" in shapes:
             a, c = dims("w1", 2)
             rho1 = min(a, c)
@@ -180,7 +194,7 @@ def plan(algo: str, shapes: dict[str, Shape], alpha: float | None, module: str) 
             rho2 = r
         # LyCORIS: scale = alpha / dim of the decomposed side; both sides full: scale 1, alpha ignored
         decomposed = shapes["w1b"][0] if "w1b" in shapes else shapes["w2b"][0] if "w2b" in shapes else None
-        scale = 1.0 if decomposed is None or alpha is None else alpha / decomposed
+        scale = 1.0 if decomposed is None else scale_of(decomposed)
         in_shape = (c * d, *kernel) if kernel else (c * d,)
         return a * b, in_shape, scale, rho1 * rho2
     if algo == "locon":
@@ -195,8 +209,7 @@ def plan(algo: str, shapes: dict[str, Shape], alpha: float | None, module: str) 
             ok, in_shape = up[1] == r and all(x == 1 for x in up[2:]), tuple(down[1:])
         if not ok:
             raise _fail(module, "LoCon factors do not fit together: " + _shapes(shapes))
-        scale = 1.0 if alpha is None else alpha / r
-        return up[0], in_shape, scale, r
+        return up[0], in_shape, scale_of(r), r
     if algo == "full":
         need("diff")
         diff = dims("diff")
@@ -280,8 +293,29 @@ def _tucker_down(t: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     return torch.einsum("i j ..., j r -> i r ...", t, wb).reshape(t.shape[0], -1)
 
 
+def dense_when_smaller(mod: LycorisModule) -> LycorisModule:
+    """The module with `dense` set when its factorisation's rank R exceeds min(n, k): R = r1·r2 of a LoHa
+    (or ρ1·ρ2 of a LoKr) grows with the product of the stored ranks, so a small file could claim factors
+    of terabytes; splitting ΔW itself (`_split_full`, exact, no rounding) is then smaller."""
+    import dataclasses
+
+    bound = min(mod.out_features, mod.in_features)
+    if mod.rank <= bound or mod.algo == "full":
+        return mod
+    return dataclasses.replace(mod, rank=bound, dense=True)
+
+
+def _unscaled_delta(mod: LycorisModule, device=None) -> torch.Tensor:
+    """ΔW / scale as an (n × k) matrix, in LyCORIS's order of operations (the layer applies the scale)."""
+    import dataclasses
+
+    return dense_delta(dataclasses.replace(mod, scale=1.0), device).reshape(mod.out_features, -1)
+
+
 def lora_up(mod: LycorisModule, device=None) -> torch.Tensor:
     """B (n×R), unscaled, fp32."""
+    if mod.dense:
+        return _split_full(_unscaled_delta(mod, device))[0]
     g = mod.load
     if mod.algo == "loha":
         if "t1" in mod.tensors:
@@ -300,6 +334,8 @@ def lora_up(mod: LycorisModule, device=None) -> torch.Tensor:
 
 def lora_down(mod: LycorisModule, device=None) -> torch.Tensor:
     """A (R×k), fp32, k = in·kh·kw (columns in the base weight's flattening order)."""
+    if mod.dense:
+        return _split_full(_unscaled_delta(mod, device))[1]
     g = mod.load
     if mod.algo == "loha":
         if "t1" in mod.tensors:

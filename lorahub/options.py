@@ -62,7 +62,11 @@ ALPHA_META = "lorahub.alpha"
 
 def _remember_alpha(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
     if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+        beyond = " (beyond ±1.8e308, the largest float)" if math.isinf(value) else ""
+        raise click.BadParameter(f"{value} is not a finite number{beyond}", ctx=ctx, param=param)
+    if value is not None and value <= 0:  # PEFT's lora_alpha of a trained adapter: 0 erases ΔW, < 0 flips it
+        raise click.BadParameter(f"{value:g} is not a lora_alpha (> 0): 0 would merge nothing and a negative "
+                                 "alpha flips the adapter's delta", ctx=ctx, param=param)
     ctx.meta[ALPHA_META] = value
 
 

@@ -201,7 +201,8 @@ class Case:
     keeps: tuple[str, ...] = ()  # paths under work that must still exist afterwards
     leaves_no: tuple[str, ...] = ()  # paths under work that must not exist afterwards
     note: str = ""  # for the table, when exit 0 is the right answer
-    on_main: str = ""  # why this case already passed before §3 (a regression guard)
+    on_main: str = ""  # why this case already passed before its era (a regression guard)
+    era: str = "§3"  # the audit that added it: §3 (issue 11) or "formats" (LyCORIS, XLabs, ComfyUI, families)
 
 
 def _set(key: str, value: Any) -> Callable[[dict], None]:
@@ -544,6 +545,154 @@ CASES: list[Case] = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# the formats audit: LyCORIS, XLabs Flux, ComfyUI dotted names, model families, --alpha
+# (tests/test_hostile_formats.py tries each class on every command; here one row per class)
+
+LIN = "lora_unet_lin"  # kohya's name for the one-file base's `lin` (8 × 16)
+LOHA = {"hada_w1_a": [8, 2], "hada_w1_b": [2, 16], "hada_w2_a": [8, 2], "hada_w2_b": [2, 16]}
+LOKR = {"lokr_w1": [2, 4], "lokr_w2_a": [4, 2], "lokr_w2_b": [2, 4]}  # kron((2×4), (4×2)·(2×4)) = 8 × 16
+
+
+def lin_base(ctx: Ctx) -> Path:
+    path = ctx.work / "base.safetensors"
+    path.write_bytes(st_bytes({"lin.weight": ("F32", [8, 16], f32(128))}))
+    return path
+
+
+def lyco(ctx: Ctx, factors: dict[str, Any], alpha: float | None = 1.0, module: str = LIN) -> Path:
+    """A LyCORIS file of one module: {key suffix: shape (F32) or (dtype, shape, bytes)}, plus `.alpha`."""
+    tensors: dict[str, tuple[str, list[int], bytes]] = {}
+    for suffix, spec in factors.items():
+        if isinstance(spec, tuple):
+            tensors[f"{module}.{suffix}"] = spec
+        else:
+            count = 1
+            for dim in spec:
+                count *= dim
+            tensors[f"{module}.{suffix}"] = ("F32", spec, f32(count, 0.1))
+    if alpha is not None:
+        tensors[f"{module}.alpha"] = ("F32", [], struct.pack("<f", alpha))
+    path = ctx.work / "lyco.safetensors"
+    path.write_bytes(st_bytes(tensors))
+    return path
+
+
+def _lyco_cmd(command: str, factors: dict[str, Any], alpha: float | None = 1.0,
+              module: str = LIN) -> Callable[[Ctx], list[str]]:
+    def build(ctx: Ctx) -> list[str]:
+        adapter, base, out = str(lyco(ctx, factors, alpha, module)), str(lin_base(ctx)), str(ctx.work / "out")
+        return {"inspect": ["inspect", adapter],
+                "merge": ["merge", "--base", base, adapter, "--out", out, "--device", "cpu"],
+                "convert": ["convert", adapter, "--to", "kohya", "--base", base, "--out",
+                            out + ".safetensors"]}[command]
+    return build
+
+
+XL = "double_blocks.0.processor.qkv_lora1"
+S0 = "single_blocks.0.processor"
+
+
+def _xlabs(ctx: Ctx, shapes: dict[str, list[int] | None]) -> list[str]:
+    """An XLabs Flux file (dim 32, MLP 128), `shapes` replacing or (None) removing tensors."""
+    layout: dict[str, list[int] | None] = {
+        f"{XL}.down.weight": [2, 32], f"{XL}.up.weight": [96, 2], f"{S0}.qkv_lora.down.weight": [2, 32],
+        f"{S0}.qkv_lora.up.weight": [96, 2], f"{S0}.proj_lora.down.weight": [2, 160],
+        f"{S0}.proj_lora.up.weight": [32, 2]}
+    layout.update(shapes)
+    tensors = {key: ("F32", shape, f32(shape[0] * shape[1])) for key, shape in layout.items() if shape is not None}
+    path = ctx.work / "x.safetensors"
+    path.write_bytes(st_bytes(tensors))
+    return ["inspect", str(path)]
+
+
+def _flat(ctx: Ctx, modules: dict[str, tuple[int, int]], to: str = "kohya") -> list[str]:
+    """A kohya file of `modules` {name: (out, in)}, converted --to `to`."""
+    tensors: dict[str, tuple[str, list[int], bytes]] = {}
+    for name, (n, k) in modules.items():
+        tensors.update({f"{name}.lora_down.weight": ("F32", [2, k], f32(2 * k)),
+                        f"{name}.lora_up.weight": ("F32", [n, 2], f32(2 * n)),
+                        f"{name}.alpha": ("F32", [], struct.pack("<f", 2.0))})
+    path = ctx.work / "c.safetensors"
+    path.write_bytes(st_bytes(tensors))
+    return ["convert", str(path), "--to", to, "--out", str(ctx.work / "out") + (".safetensors" if to != "peft" else "")]
+
+
+def _no_config(ctx: Ctx, alpha: str) -> list[str]:
+    weights = ctx.work / "weights"
+    weights.mkdir()
+    shutil.copy(EXAMPLES / "tiny-lora" / "adapter_model.safetensors", weights)
+    return ["merge", "--base", BASE, str(weights), "--alpha", alpha, "--out", str(ctx.work / "out"), "--device", "cpu"]
+
+
+_I8 = ("I8", [8, 2], bytes(range(1, 17)))
+FORMAT_CASES: list[Case] = [
+    Case("lyco-shapes", "LoHa `hada_w1_b` of rank 3 beside `hada_w1_a` of rank 2 (also: output dims that "
+         "disagree, a missing half, a Tucker `hada_t1` or `lora_mid` of the wrong rank)",
+         _lyco_cmd("inspect", {**LOHA, "hada_w1_b": [3, 16]}), needles=("lyco.safetensors", LIN, "do not fit"),
+         on_main="the LyCORIS reader checked factor shapes", era="formats"),
+    Case("lyco-lokr-both", "LoKr with both `lokr_w1` and `lokr_w1_a`/`lokr_w1_b` (or `lokr_w2` with its factors)",
+         _lyco_cmd("merge", {**LOKR, "lokr_w1_a": [2, 1], "lokr_w1_b": [1, 4]}),
+         needles=("lyco.safetensors", LIN, "both a full w1"), leaves_no=("out",), era="formats"),
+    Case("lyco-rank-zero", "LoHa factors of rank 0 (`hada_w1_a` [8, 0]; a `diff` of 0 rows)",
+         _lyco_cmd("inspect", {**LOHA, "hada_w1_a": [8, 0], "hada_w1_b": [0, 16]}),
+         needles=("lyco.safetensors", f"{LIN}.hada_w1_a", "empty"), era="formats"),
+    Case("lyco-alpha-zero", "LyCORIS `alpha` = 0 (LyCORIS: alpha = dim; ComfyUI: scale 0)",
+         _lyco_cmd("merge", LOHA, alpha=0.0), needles=("lyco.safetensors", LIN, "alpha is 0"), leaves_no=("out",),
+         era="formats"),
+    Case("lyco-alpha-nan", "LyCORIS `alpha` NaN (or ±Inf)", _lyco_cmd("merge", LOHA, alpha=float("nan")),
+         needles=("lyco.safetensors", "alpha", "nan"), leaves_no=("out",),
+         on_main="NaN alphas were refused for every layer kind", era="formats"),
+    Case("lyco-int8", "LoHa factor `hada_w1_a` in I8 (or BOOL, I32)", _lyco_cmd("merge", {**LOHA, "hada_w1_a": _I8}),
+         needles=("lyco.safetensors", f"{LIN}.hada_w1_a", "floating-point factors"), leaves_no=("out",),
+         era="formats"),
+    Case("lyco-dora", "`dora_scale` [5, 1] on an 8-row layer", _lyco_cmd("inspect", {**LOHA, "dora_scale": [5, 1]}),
+         needles=("lyco.safetensors", f"{LIN}.dora_scale", "[5, 1]"), on_main="dora_scale's shape was checked",
+         era="formats"),
+    Case("lyco-huge-rank", "LoHa of r = 512 on an 8 × 16 layer: its exact factorisation has rank r² = 262,144",
+         _lyco_cmd("convert", {"hada_w1_a": [8, 512], "hada_w1_b": [512, 16], "hada_w2_a": [8, 512],
+                               "hada_w2_b": [512, 16]}),
+         code=0, needles=("rank up to 8",), note="converted at rank 8 = min(n, k), through ΔW", era="formats"),
+    Case("lyco-diff-shape", "`diff` [8, 12] on an 8 × 16 weight (or a 1-D `diff` there)",
+         _lyco_cmd("merge", {"diff": [8, 12]}, alpha=None), needles=("does not fit",), leaves_no=("out",),
+         on_main="validate compared the diff with the base", era="formats"),
+    Case("lyco-markup", "LyCORIS module `lora_unet_x[red]ESC[31m` whose factors do not fit",
+         _lyco_cmd("inspect", {**LOHA, "hada_w1_b": [3, 16]}, module="lora_unet_x[red]\x1b[31m"),
+         needles=("lora_unet_x[red]",), absent=("\x1b",), on_main="errors went through ui.clean", era="formats"),
+    Case("xlabs-proj-narrow", "XLabs single-block `proj_lora.down` of 8 inputs, narrower than its `qkv_lora`'s 32",
+         lambda c: _xlabs(c, {f"{S0}.proj_lora.down.weight": [2, 8]}),
+         needles=("x.safetensors", f"{S0}.proj_lora.down.weight", "8 input features"), era="formats"),
+    Case("xlabs-partial", "XLabs `qkv_lora1.down` without `.up` (also: rank mismatch, an extra `.alpha`)",
+         lambda c: _xlabs(c, {f"{XL}.up.weight": None}),
+         needles=("x.safetensors", f"{XL}.down.weight", "no matching"), on_main="the XLabs reader paired keys",
+         era="formats"),
+    Case("xlabs-qkv-width", "XLabs single-block `qkv_lora.up` of 97 rows (not 3·32)",
+         lambda c: _xlabs(c, {f"{S0}.qkv_lora.up.weight": [97, 2]}),
+         needles=("x.safetensors", "97 rows", "3·32"), on_main="the XLabs reader checked it", era="formats"),
+    Case("comfy-empty", "ComfyUI name `diffusion_model..x` (or a trailing dot)",
+         lambda c: _flat(c, {"diffusion_model..x": (32, 32)}),
+         needles=("c.safetensors", "diffusion_model..x", "empty path segment"), leaves_no=("out.safetensors",),
+         era="formats"),
+    Case("comfy-kohya-inside", "ComfyUI name `diffusion_model.lora_unet_double_blocks_0_img_attn_qkv`",
+         lambda c: _flat(c, {"diffusion_model.lora_unet_double_blocks_0_img_attn_qkv": (96, 32)}),
+         needles=("c.safetensors", "kohya name"), leaves_no=("out.safetensors",), era="formats"),
+    Case("comfy-unknown-te", "ComfyUI text encoder `text_encoders.clip_x.transformer.…`",
+         lambda c: _flat(c, {"text_encoders.clip_x.transformer.text_model.encoder.layers.0.self_attn.q_proj":
+                             (32, 32)}),
+         needles=("c.safetensors", "clip_x"), leaves_no=("out.safetensors",), era="formats"),
+    Case("flux-qkv-97", "kohya Flux `double_blocks_0_img_attn_qkv` with 97 B rows, to diffusers names",
+         lambda c: _flat(c, {"lora_unet_double_blocks_0_img_attn_qkv": (97, 32)}, to="peft"),
+         needles=("c.safetensors", "97 rows, not a multiple of 3"), leaves_no=("out",),
+         on_main="the family transform checked the split", era="formats"),
+    Case("alpha-negative", "`--alpha -1` (or 0) for PEFT weights without adapter_config.json",
+         lambda c: _no_config(c, "-1"), code=2, needles=("--alpha", "not a lora_alpha"), leaves_no=("out",),
+         era="formats"),
+    Case("alpha-overflow", "`--alpha 1e400` (or nan)", lambda c: _no_config(c, "1e400"), code=2,
+         needles=("--alpha", "beyond ±1.8e308"), leaves_no=("out",), era="formats"),
+]
+CASES += FORMAT_CASES
+
+
 def _control_name(ctx: Ctx) -> Path:
     path = ctx.work / "k.safetensors"
     name = "lora_unet_a\x1b[2J\x1b]0;owned\x07b"
@@ -666,8 +815,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", metavar="FILE", help="write the markdown table to FILE")
     ap.add_argument("--only", nargs="*", help="case ids to run")
     ap.add_argument("--before", metavar="DIR", type=Path,
-                    help="also run each case with the lorahub in DIR (e.g. `git archive main | tar -x -C DIR` "
+                    help="also run each §3 case with the lorahub in DIR (e.g. `git archive main | tar -x -C DIR` "
                          "of the commit before §3) and add a column saying what it printed")
+    ap.add_argument("--before-formats", metavar="DIR", type=Path,
+                    help="the same for the formats audit's cases: the lorahub before it (3f9246d)")
     args = ap.parse_args(argv)
     cases = [c for c in CASES if not args.only or c.id in args.only]
     hub = None
@@ -688,10 +839,11 @@ def main(argv: list[str] | None = None) -> int:
                     env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="10",
                                HF_HUB_DOWNLOAD_TIMEOUT="10", HF_TOKEN="")
                 before = None
-                if args.before is not None:
+                before_root = {"§3": args.before, "formats": args.before_formats}[case.era]
+                if before_root is not None:
                     old = Ctx(work / "before", hub=hub, env=dict(env), label=f"{case.id}-before")
                     old.work.mkdir()
-                    before = before_text(case, old, run_subprocess(case.build(old), old, root=args.before.resolve()))
+                    before = before_text(case, old, run_subprocess(case.build(old), old, root=before_root.resolve()))
                 ctx = Ctx(work / "now", hub=hub, env=dict(env), label=case.id)
                 ctx.work.mkdir()
                 command = case.build(ctx)
@@ -709,13 +861,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if hub is not None:
             hub.stop()
-    with_before = args.before is not None
-    old_column = ("before §3 | ", "--- | ") if with_before else ("", "")
+    with_before = args.before is not None or args.before_formats is not None
+    old_column = ("before | ", "--- | ") if with_before else ("", "")
     table = [f"| hostile input | command | {old_column[0]}what lorahub prints now | exit |",
              f"| --- | --- | {old_column[1]}--- | --- |"]
     for case, command, before, text, exit_text, wrong in rows:
         mark = "" if not wrong else " **(check failed: " + "; ".join(wrong) + ")**"
-        guard = f" *(already so before §3: {case.on_main})*" if case.on_main else ""
+        era = "§3" if case.era == "§3" else "the formats audit"
+        guard = f" *(already so before {era}: {case.on_main})*" if case.on_main else ""
         old = f"{_cell(before or '')} | " if with_before else ""
         table.append(f"| {case.input} | `{_cell(command)}` | {old}{_cell(text)}{mark}{guard} | {exit_text} |")
     text = "\n".join(table) + "\n"
@@ -744,6 +897,15 @@ Hub-provided text is printed through one sanitiser (`ui.clean`: terminal escape 
 characters removed) and never as rich markup; only regular files are opened (`storage.open_regular`:
 a FIFO or a device is refused without blocking); registry names are names; Hub file names that could
 not be local file names are refused.
+
+The rows from `LoHa hada_w1_b of rank 3 …` on come from the audit of the formats and layer kinds added
+later (LyCORIS, XLabs Flux, ComfyUI dotted names, model families, `--alpha`; every class is tried on
+inspect, validate, merge, convert, resize and blend in `tests/test_hostile_formats.py`). Their "before"
+is the lorahub before that audit (3f9246d); the other rows' is the lorahub before §3. The rules they
+added: a LyCORIS module is checked whole when it is read (factor shapes, one form per LoKr side, no empty
+factor, no `alpha` 0 where LyCORIS and ComfyUI disagree on it, its own factors' dtypes), a LoHa/LoKr whose
+factorisation would outgrow ΔW is factored through ΔW, a dotted (ComfyUI) module name is a module path,
+and `--alpha` is a positive finite number.
 
 """
 

@@ -299,7 +299,9 @@ def test_resize_of_loha_is_the_eckart_young_optimum(made, tiny_unet_dir):
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         r = min(5, *delta.shape)
         best = (U[:, :r] * S[:r]) @ Vh[:r]
-        assert layer.rank == r and layer.lycoris is None
+        # a layer whose r1·r2 exceeds min(n, k) is factored through ΔW (rank min(n, k)): at or below the
+        # requested rank, resize keeps it as it is
+        assert layer.rank == r and (layer.lycoris is None or layer.lycoris.dense and r < 5)
         assert _rel(layer.delta_math(dtype=torch.float64), best) <= 1e-5, layer.source_name
         assert math.isclose(entry.energy_retained, float((S[:r] ** 2).sum() / (S ** 2).sum()), rel_tol=1e-6)
 

@@ -40,6 +40,22 @@ def is_comfy_name(target: str) -> bool:
     return target.startswith((DENOISER, TEXT_ENCODERS))
 
 
+_KOHYA_HEADS = ("lora_unet_", "lora_transformer_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+
+
+def dotted_name_problem(module: str) -> str | None:
+    """Why a dotted module name (ComfyUI's `diffusion_model.<path>`, read verbatim) is no module path,
+    or None: an empty segment (`diffusion_model..x`, a trailing dot) or a kohya-flattened name inside
+    it (`diffusion_model.lora_unet_…`). Either would be written back as a name no reader loads."""
+    parts = module.split(".")
+    if not all(parts):
+        return "has an empty path segment"
+    kohya = next((part for part in parts if part.startswith(_KOHYA_HEADS)), None) if len(parts) > 1 else None
+    if kohya is not None:
+        return f"holds the kohya name '{kohya}' inside a dotted path"
+    return None
+
+
 def _text_encoder(target: str) -> tuple[str, str] | None:
     """(ComfyUI's text-encoder name, the path inside it) of `text_encoders.<clip>.transformer.<path>`."""
     if not target.startswith(TEXT_ENCODERS):

@@ -21,6 +21,7 @@ from ..storage import (
     open_safetensors,
     parse_json,
 )
+from .comfy_names import dotted_name_problem
 
 # substrings that only adapter tensors carry (any format), to tell an adapter file from a model's weights
 ADAPTER_KEY_MARKERS = (".lora_A", ".lora_B", "lora_down", "lora_up", "lora_embedding_", ".alpha",
@@ -422,6 +423,9 @@ def read_peft_style_file(path: Path, source: TensorSource, format_name: str,
             continue
         module, label = split
         module = _module_name(module, key)
+        problem = dotted_name_problem(module)  # `diffusion_model..x`, `diffusion_model.lora_unet_…`
+        if problem is not None:
+            raise LorahubError(f"module name '{module}' {problem}", path=path, key=key)
         group = groups.setdefault(module, {})
         if label in group:  # `a.processor.to_q` and `a.to_q`: two tensors for one module
             raise LorahubError(f"'{group[label]}' and '{key}' are the same tensor of module '{module}'", path=path)

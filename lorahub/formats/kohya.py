@@ -12,7 +12,7 @@ from typing import Any
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
 from ..lazy import save_file, torch
-from .comfy_names import comfy_kohya_name
+from .comfy_names import comfy_kohya_name, dotted_name_problem
 from .common import (
     COMPONENTS_METADATA,
     LAYERS_METADATA,
@@ -84,6 +84,9 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         name for it, else guessed from them."""
         declared = known.get(module, {}).get("target")
         if "." in module:  # a dotted module path (ComfyUI's `diffusion_model.…`): the target, verbatim
+            problem = dotted_name_problem(module)
+            if problem is not None:
+                raise LorahubError(f"module name '{module}' {problem}", path=path)
             if declared not in (None, module):
                 raise LorahubError(f"{LAYERS_METADATA} maps module '{module}' to target {declared!r}: the metadata "
                                    "contradicts the keys", path=path)
@@ -194,9 +197,14 @@ def write(adapter: Adapter, out: Path) -> Path:
     names: dict[str, dict] = {}
     dtype = torch.float32
     for layer in adapter.layers.values():
-        name = layer.source_name if (layer.source_name and adapter.format == NAME) else \
-            comfy_kohya_name(layer.target, adapter.layers.keys()) or \
-            target_to_kohya(layer.target, components, adapter.has_components)
+        try:
+            name = layer.source_name if (layer.source_name and adapter.format == NAME) else \
+                comfy_kohya_name(layer.target, adapter.layers.keys()) or \
+                target_to_kohya(layer.target, components, adapter.has_components)
+        except LorahubError as exc:  # a ComfyUI name kohya has no prefix for: name the file
+            if exc.path is not None or adapter.path is None:
+                raise
+            raise LorahubError(str(exc), path=adapter.path) from None
         if name in names:
             raise LorahubError(f"two modules map to the same kohya name '{name}'", path=adapter.path)
         names[name] = layer_entry(layer)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..adapter import LazyTensor, LoraLayer
 from ..errors import LorahubError
-from ..lycoris import LycorisModule, factor_tensors, plan
+from ..lycoris import LycorisModule, dense_when_smaller, factor_tensors, plan
 from .common import TensorSource
 
 # key suffix -> (algorithm, role)
@@ -81,13 +81,18 @@ def build_layer(path: Path, source: TensorSource, module: str, target: str, algo
         raise LorahubError(f"LoKr module '{module}' has lokr_t1, which LyCORIS never applies", path=path,
                            key=roles["t1"])
     tensors = {role: source.lazy(key) for role, key in roles.items()}
+    for role, tensor in tensors.items():
+        if tensor.numel == 0:  # plan() would divide by a rank of 0; ΔW of a 0-wide factor is no layer
+            raise LorahubError(f"empty LyCORIS factor (shape {list(tensor.shape)}, 0 elements)", path=path,
+                               key=roles[role])
     alpha = source.scalar(lora_keys["alpha"]) if "alpha" in lora_keys else None
     try:
         n, in_shape, scale, rank = plan(algo, {r: t.shape for r, t in tensors.items()}, alpha, module)
     except LorahubError as exc:
         raise LorahubError(str(exc), path=path) from None
-    mod = LycorisModule(algo=algo, tensors=tensors, out_features=n, in_shape=in_shape, scale=scale, rank=rank,
-                        keys=roles)
+    mod = dense_when_smaller(LycorisModule(algo=algo, tensors=tensors, out_features=n, in_shape=in_shape,
+                                           scale=scale, rank=rank, keys=roles))
+    rank = mod.rank
     if algo in ("locon", "full"):
         mod.resolved = True  # the factors' own shapes are the layer's
     magnitude = None

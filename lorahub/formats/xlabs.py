@@ -79,10 +79,10 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         groups.setdefault((match[1], int(match[2]), match[3]), {})[match[4]] = key
     adapter = Adapter(path=path, format=NAME, metadata=source.metadata, files=[path],
                       base_model=source.metadata.get("lorahub.base_model") or "flux.1")
-    mlp_width = {}  # single block -> dim + mlp (the input of its linear2, from proj_lora)
+    mlp_width: dict[int, tuple[int, str]] = {}  # single block -> (dim + mlp: its linear2's input, proj_lora down key)
     for (kind, block, lora), keys in groups.items():
         if kind == "single_blocks" and lora == "proj_lora" and "down" in keys:
-            mlp_width[block] = source.lazy(keys["down"]).shape[1]
+            mlp_width[block] = (source.lazy(keys["down"]).shape[1], keys["down"])
     for (kind, block, lora), keys in sorted(groups.items()):
         if "down" not in keys or "up" not in keys:
             present = keys.get("down") or keys.get("up") or ""
@@ -96,7 +96,11 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
             if up.shape[0] != 3 * dim:
                 raise LorahubError(f"'{keys['up']}' has {up.shape[0]} rows; an XLabs single-block qkv LoRA has "
                                    f"3·{dim} (q, k, v of width {dim})", path=path)
-            width = mlp_width.get(block) or next(iter(mlp_width.values()), None) or (1 + _FLUX_MLP_RATIO) * dim
+            width, proj = mlp_width.get(block) or next(iter(mlp_width.values()), None) or \
+                ((1 + _FLUX_MLP_RATIO) * dim, "")
+            if width <= dim:  # linear2's input is cat(attn of width dim, mlp): the MLP rows would be ≤ 0
+                raise LorahubError(f"'{proj}' has {width} input features; a single block's proj_lora reads "
+                                   f"cat(attention, MLP), more than the {dim} of its qkv_lora", path=path)
             up = _RowPadded(up, 3 * dim + (width - dim))
         target = f"{kind}.{block}.{_MODULES[kind, lora]}"
         # scale 1: no network_alpha in the file (see the module docstring)
