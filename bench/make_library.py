@@ -143,7 +143,9 @@ def kohya_file(path: Path, unet: list[tuple], te: list[tuple], rank: int, alpha:
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
                 "ss_base_model_version": "sdxl_base_v1-0" if xl else "sd_v1", "ss_output_name": path.stem,
                 "ss_network_args": "{}"}
-    write_safetensors(path, entries, metadata)
+    # the alphas as the metadata says (a kohya alpha of 0 is refused: kohya and diffusers/ComfyUI read it apart)
+    write_safetensors(path, entries, metadata,
+                      values={name: struct.pack("<e", alpha) for name, _, _ in entries if name.endswith(".alpha")})
     return {"format": "kohya", "rank": rank, "alpha": alpha, "modules": len(unet) + len(te),
             "family": "sdxl" if xl else "sd1"}
 

@@ -420,3 +420,14 @@ def test_loha_whose_rank_product_exceeds_the_matrix_is_factored_through_its_delt
     torch.testing.assert_close(up @ down * (alpha / 8), delta, rtol=1e-5, atol=1e-7)
     info = json.loads(run_cli("inspect", adapter, "--json", check=True, env=ENV).stdout)
     assert info["rank"] == 8
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_kohya_alpha_zero_is_refused_by_every_command(command, base, tmp_path):
+    """A plain kohya LoRA with alpha 0: kohya's scripts read it as alpha = rank (scale 1), diffusers and
+    ComfyUI as scale 0. Either guess would silently be wrong for someone: refused, naming the tensor."""
+    tensors = {"lora_unet_lin.lora_down.weight": rn(2, 16), "lora_unet_lin.lora_up.weight": rn(8, 2),
+               "lora_unet_lin.alpha": torch.tensor(0.0)}
+    adapter = _write(tmp_path, "alpha0", tensors)
+    refused(_args(command, adapter, tmp_path / "out", base), tmp_path,
+            (adapter.name, "lora_unet_lin.alpha", "alpha is 0", "kohya", "ComfyUI"), inputs=(adapter, base))

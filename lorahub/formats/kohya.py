@@ -158,6 +158,9 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         rank = check_pair(path, module, keys["down"], keys["up"], down, up)
         # missing alpha means alpha = rank (scale 1), as kohya, A1111 and diffusers read it
         alpha = source.scalar(keys["alpha"]) if "alpha" in keys else float(rank)
+        if alpha == 0:  # the peers disagree: kohya sd-scripts reads 0 as alpha = rank, diffusers and ComfyUI as 0
+            raise LorahubError("alpha is 0, which kohya's scripts apply as alpha = rank (scale 1) and diffusers and "
+                               "ComfyUI as scale 0; set alpha to the scale·rank you mean", path=path, key=keys["alpha"])
         magnitude = source.lazy(keys["dora"]) if "dora" in keys else None
         if "diff_b" in keys and "bias" in keys:
             raise LorahubError(f"module '{module}' has both a LoRA bias and a diff_b bias delta", path=path)
