@@ -72,7 +72,9 @@ class ValidationReport:
             over = {p.module for p in self.errors if p.kind == "max_rank"}
             parts = []
             if misfits:
-                parts.append(f"does not fit: {len(misfits)} of {self.modules} modules of {self.adapter} do not "
+                # in the file's own modules (a family's other naming is checked as more, or fewer, modules)
+                count = self.modules - self.matched if self.modules > self.matched else len(misfits)
+                parts.append(f"does not fit: {count} of {self.modules} modules of {self.adapter} do not "
                              f"match {self.base}")
             if over:
                 limit = f"{len(over)} of {self.modules} modules of {self.adapter} have a rank over --max-rank " \

@@ -539,3 +539,12 @@ def test_comfyui_flux_file_against_the_diffusers_folder(flux, kohya_file, tmp_pa
     got, count = peft_fused(flux["folder"], out) if to == "peft" else diffusers_fused(flux["folder"], out)
     assert count == loaded  # every module loaded: none silently skipped
     assert_merged(got, reference, flux["state"])
+
+
+def test_validate_counts_misfits_in_the_files_own_modules(kohya_file):
+    """A tiny kohya Flux file against the full-size flux.1-dev manifest: every module misfits; the headline
+    counts them in the file's modules (12 fused/renamed ones), not in the 16 diffusers modules they were
+    checked as."""
+    report = validate(load_adapter(kohya_file), load_base("flux.1-dev"))
+    assert not report.ok and report.modules == 12 and report.matched == 0
+    assert "does not fit: 12 of 12 modules" in report.summary, report.summary
