@@ -21,7 +21,7 @@ import threading
 import types
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar, overload
 
-__all__ = ["LazyDict", "LazyModule", "save_file", "torch"]
+__all__ = ["LazyDict", "LazyModule", "save_file", "torch", "unshare"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -99,7 +99,24 @@ else:
 
 def save_file(tensors: dict[str, torch.Tensor], filename: str | os.PathLike[str],
               metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file`, imported (and torch with it) when a file is written."""
+    """`safetensors.torch.save_file`, imported (and torch with it) when a file is written; tensors that share
+    storage are written as copies (`unshare`)."""
     from safetensors.torch import save_file as save
 
-    save(tensors, filename, metadata=metadata)
+    save(unshare(tensors), filename, metadata=metadata)
+
+
+def unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with every tensor that shares storage with an earlier one copied (one factor of several
+    layers: a fused module split by rows shares its A), which safetensors refuses to write."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor.numel():
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in seen:
+                tensor = tensor.clone()
+            else:
+                seen.add(storage)
+        out[name] = tensor
+    return out

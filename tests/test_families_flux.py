@@ -548,3 +548,28 @@ def test_validate_counts_misfits_in_the_files_own_modules(kohya_file):
     report = validate(load_adapter(kohya_file), load_base("flux.1-dev"))
     assert not report.ok and report.modules == 12 and report.matched == 0
     assert "does not fit: 12 of 12 modules" in report.summary, report.summary
+
+
+@pytest.mark.parametrize("command", ["resize", "blend"])
+def test_resize_and_blend_write_flux_in_the_target_formats_names(flux, kohya_file, tmp_path, command):
+    """resize/blend `--to diffusers` of a kohya Flux file go through the same naming step as convert: the
+    fused modules are split (their A shared in memory, written as copies) and diffusers loads every module.
+    At the file's own rank (resize: the layers are kept, ≤ 1 ulp) or as a weight-1 cat (blend: the scale is
+    moved into the factors, √s·B · √s·A, float32 rounding), the fused weights are the original's."""
+    reference, loaded = diffusers_fused(flux["folder"], kohya_file)
+    out = tmp_path / "out.safetensors"
+    args = ["resize", kohya_file, "--rank", "4"] if command == "resize" else \
+        ["blend", kohya_file, "-w", "1", "--method", "cat"]
+    result = run_cli(*args, "--to", "diffusers", "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    keys = load_file(str(out))
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys and not any("double_blocks" in k
+                                                                                          for k in keys)
+    got, count = diffusers_fused(flux["folder"], out)
+    assert count == loaded
+    if command == "resize":
+        assert_merged(got, reference, flux["state"])
+    else:
+        assert set(got) == set(reference)
+        for name, value in got.items():
+            torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6 * float(reference[name].abs().max()))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import run_cli
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lorahub import ui
 
@@ -338,24 +338,37 @@ def test_fused_qkv_whose_rows_do_not_split_is_refused_where_it_must_be_split(flu
 
 
 def test_flux_names_the_table_does_not_know_are_refused_by_convert(flux, tmp_path):
-    """A kohya Flux module the family table does not know (`img_attn_zzz`) beside known ones: convert
-    refuses to write a name diffusers or kohya would not load; validate names it as unmatched."""
+    """A kohya Flux module the family table does not know (`img_attn_zzz`) beside known ones: converting it to
+    diffusers names would write a name diffusers does not load, so peft/diffusers are refused; `--to kohya`
+    keeps the file's own kohya name (what its readers loaded before), with the reader's warning; merge
+    names it as unmatched."""
     adapter = _write(tmp_path, "unknown", kohya({"lora_unet_double_blocks_0_img_attn_qkv": (3 * D, D),
                                                  "lora_unet_double_blocks_0_img_attn_zzz": (D, D)}))
-    for command in ("peft", "diffusers", "kohya"):
+    for command in ("peft", "diffusers"):
         refused(_args(command, adapter, tmp_path / "out", flux), tmp_path,
                 (adapter.name, "lora_unet_double_blocks_0_img_attn_zzz", "not in Flux"), inputs=(adapter,))
+    out = tmp_path / "same.safetensors"
+    result = run_cli("convert", adapter, "--to", "kohya", "--out", out, env=ENV)
+    assert result.returncode == 0 and "img_attn_zzz" in result.stderr, result.stderr
+    written = {key.rsplit(".", 2)[0] for key in load_file(str(out)) if key.endswith(".lora_down.weight")}
+    assert written == {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_zzz"}
+    out.unlink()
     refused(_args("merge", adapter, tmp_path / "out", flux), tmp_path, ("does not fit: 1 of 2",), inputs=(adapter,),
             warnings=True)
 
 
 def test_names_of_two_families_are_refused_by_convert(flux, tmp_path):
-    """Flux's `double_blocks_0_img_attn_qkv` beside Wan's `blocks_0_self_attn_q` in one file."""
+    """Flux's `double_blocks_0_img_attn_qkv` beside Wan's `blocks_0_self_attn_q` in one file: no diffusers
+    names exist for it (refused); `--to kohya` writes the file's own names back, unchanged."""
     adapter = _write(tmp_path, "two", kohya({"lora_unet_double_blocks_0_img_attn_qkv": (3 * D, D),
                                              "lora_unet_blocks_0_self_attn_q": (D, D)}))
-    for command in ("peft", "kohya"):
+    for command in ("peft", "diffusers"):
         refused(_args(command, adapter, tmp_path / "out", None), tmp_path,
                 (adapter.name, "lora_unet_blocks_0_self_attn_q", "not in Flux"), inputs=(adapter,))
+    out = tmp_path / "same.safetensors"
+    assert run_cli("convert", adapter, "--to", "kohya", "--out", out, env=ENV).returncode == 0
+    assert set(load_file(str(out))) == set(load_file(str(adapter)))
+    out.unlink()
 
 
 @pytest.mark.parametrize("module", ["lora_unet_double_blocks_0_img[red]attn_qkv\x1b[31m",

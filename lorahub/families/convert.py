@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import LorahubError
-from ..formats.comfy_names import is_comfy_name
 from . import denoiser_targets, detect_adapter
 from .spec import DIFFUSERS
 from .transform import convert_naming
@@ -27,6 +26,9 @@ def to_family_naming(adapter: "Adapter", to_format: str) -> tuple["Adapter", str
     if found is None or 2 * found.hits < len(names):
         return adapter, None
     family = found.family
+    wanted = family.kohya_naming if to_format == "kohya" else DIFFUSERS
+    if wanted == found.naming:  # already what the format's readers load (ComfyUI's `diffusion_model.<original
+        return adapter, None    # path>` included: the kohya writer names those itself)
     unknown = [t for t in names if t not in found.matches]
     if unknown:
         layer = adapter.layers[unknown[0]]
@@ -34,9 +36,6 @@ def to_family_naming(adapter: "Adapter", to_format: str) -> tuple["Adapter", str
                            f"({len(unknown)} such module(s)); converting it would write a name that "
                            f"{'kohya/ComfyUI' if to_format == 'kohya' else 'diffusers'} does not load",
                            path=adapter.path)
-    wanted = family.kohya_naming if to_format == "kohya" else DIFFUSERS
-    if wanted == found.naming and to_format == "kohya" and all(is_comfy_name(t) for t in names):
-        return adapter, None  # ComfyUI's `diffusion_model.<original path>`: the kohya writer names these itself
     if found.ambiguous and wanted != found.naming and any(
             other.kohya_naming != found.family.kohya_naming or other.has_two_namings()
             for other, _, _ in found.others):

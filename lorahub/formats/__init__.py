@@ -171,15 +171,14 @@ def reserve_output(out: Path | str, format: str, *, overwrite: bool = False,
 
 
 def in_readers_naming(adapter: Adapter, name: str) -> Adapter:
-    """`adapter` with module names that format `name`'s readers load: written in another format than it was
-    read in, a diffusion transformer's modules take that format's naming (`lorahub.families`: diffusers
-    names for diffusers/PEFT, kohya's for kohya); ComfyUI-named modules, which no diffusers or PEFT reader
-    knows, are refused for those formats rather than written as a file that loads as nothing."""
+    """`adapter` with module names that format `name`'s readers load: a diffusion transformer's modules in
+    that format's naming (`lorahub.families`: diffusers names for diffusers/PEFT, kohya's for kohya;
+    unchanged when already so); ComfyUI-named modules, which no diffusers or PEFT reader knows, are refused
+    for those formats rather than written as a file that loads as nothing."""
     from ..families.convert import to_family_naming
     from .comfy_names import is_comfy_name
 
-    if name != adapter.format:
-        adapter, _ = to_family_naming(adapter, name)
+    adapter, _ = to_family_naming(adapter, name)
     comfy = [target for target in adapter.layers if is_comfy_name(target)] if name != "kohya" else []
     if comfy:
         raise LorahubError(f"module '{comfy[0]}' has a ComfyUI name with no {name} equivalent known to lorahub "

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..adapter import Adapter, LoraLayer
 from ..errors import LorahubError
-from ..lazy import save_file, torch
+from ..lazy import save_file, torch, unshare
 from .comfy_names import comfy_kohya_name, dotted_name_problem
 from .common import (
     COMPONENTS_METADATA,
@@ -295,7 +295,7 @@ def _add_kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
     metadata.pop("sshs_model_hash", None)
     metadata.pop("sshs_legacy_hash", None)
-    raw = save(tensors, metadata=metadata)
+    raw = save(unshare(tensors), metadata=metadata)
     (header_len,) = struct.unpack("<Q", raw[:8])
     metadata["sshs_model_hash"] = hashlib.sha256(raw[8 + header_len:]).hexdigest()
     metadata["sshs_legacy_hash"] = legacy_hash_of_bytes(raw)
