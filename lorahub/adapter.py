@@ -294,6 +294,9 @@ class Adapter:
     # why the file does not give the adapter's scale (a PEFT weights file without adapter_config.json), or
     # None: operations that need the scale refuse until `assume_alpha` gives it (CLI: --alpha)
     scale_unknown: str | None = None
+    # kohya `.alpha` tensors that are 0, which the peers read apart (kohya: alpha = rank; diffusers and
+    # ComfyUI: scale 0): listed by inspect, refused by every operation that needs the scale
+    zero_alphas: list[str] = field(default_factory=list)
 
     @property
     def ranks(self) -> list[int]:
@@ -325,6 +328,12 @@ class Adapter:
 
     def require_finite_alphas(self, operation: str) -> None:
         """Refuse an adapter whose alpha is NaN/Inf somewhere, naming the first such module."""
+        if self.zero_alphas:
+            more = f" (and {len(self.zero_alphas) - 1} more)" if len(self.zero_alphas) > 1 else ""
+            raise LorahubError(f"alpha is 0{more}, which kohya's scripts apply as alpha = rank (scale 1) and diffusers "
+                               f"and ComfyUI as scale 0; {operation} refuses to guess: set alpha to the scale·rank "
+                               "you mean", path=self.files[0] if len(self.files) == 1 else self.path,
+                               key=self.zero_alphas[0])
         bad = self.nonfinite_alphas()
         if bad:
             layer = bad[0]

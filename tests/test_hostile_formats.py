@@ -436,11 +436,17 @@ def test_loha_whose_rank_product_exceeds_the_matrix_is_factored_through_its_delt
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_kohya_alpha_zero_is_refused_by_every_command(command, base, tmp_path):
+def test_kohya_alpha_zero_is_refused_by_every_operation(command, base, tmp_path):
     """A plain kohya LoRA with alpha 0: kohya's scripts read it as alpha = rank (scale 1), diffusers and
-    ComfyUI as scale 0. Either guess would silently be wrong for someone: refused, naming the tensor."""
+    ComfyUI as scale 0. Either guess would silently be wrong for someone: every operation that needs the
+    scale refuses, naming the tensor; inspect and validate (shapes) say it in a warning."""
     tensors = {"lora_unet_lin.lora_down.weight": rn(2, 16), "lora_unet_lin.lora_up.weight": rn(8, 2),
                "lora_unet_lin.alpha": torch.tensor(0.0)}
     adapter = _write(tmp_path, "alpha0", tensors)
-    refused(_args(command, adapter, tmp_path / "out", base), tmp_path,
-            (adapter.name, "lora_unet_lin.alpha", "alpha is 0", "kohya", "ComfyUI"), inputs=(adapter, base))
+    args = _args(command, adapter, tmp_path / "out", base)
+    if command in ("inspect", "validate"):
+        result = run_cli(*args, env=ENV)
+        assert result.returncode == 0 and "alpha 0" in result.stdout + result.stderr, result.stdout + result.stderr
+        return
+    refused(args, tmp_path, (adapter.name, "lora_unet_lin.alpha", "alpha is 0", "kohya", "ComfyUI"),
+            inputs=(adapter, base), warnings=True)

@@ -159,8 +159,7 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
         # missing alpha means alpha = rank (scale 1), as kohya, A1111 and diffusers read it
         alpha = source.scalar(keys["alpha"]) if "alpha" in keys else float(rank)
         if alpha == 0:  # the peers disagree: kohya sd-scripts reads 0 as alpha = rank, diffusers and ComfyUI as 0
-            raise LorahubError("alpha is 0, which kohya's scripts apply as alpha = rank (scale 1) and diffusers and "
-                               "ComfyUI as scale 0; set alpha to the scale·rank you mean", path=path, key=keys["alpha"])
+            adapter.zero_alphas.append(keys["alpha"])
         magnitude = source.lazy(keys["dora"]) if "dora" in keys else None
         if "diff_b" in keys and "bias" in keys:
             raise LorahubError(f"module '{module}' has both a LoRA bias and a diff_b bias delta", path=path)
@@ -179,6 +178,10 @@ def read(path: Path, *, allow_pickle: bool = False, source: TensorSource | None 
                 and dora_orientation(path, keys["dora"], magnitude.shape, up.shape[0]) is False:
             # LyCORIS wd_on_out=False: one norm per input channel, LyCORIS's DoRA math
             adapter.layers[target] = plain_lora_with_input_dora(path, module, adapter.layers[target])
+    if adapter.zero_alphas:
+        adapter.warnings.append(f"{len(adapter.zero_alphas)} module(s) have alpha 0 (e.g. '{adapter.zero_alphas[0]}'), "
+                                "which kohya's scripts apply as alpha = rank and diffusers and ComfyUI as scale 0: "
+                                "operations refuse them")
     if COMPONENTS_METADATA in metadata:
         adapter.has_components = metadata[COMPONENTS_METADATA] == "1"
     else:
