@@ -573,3 +573,28 @@ def test_resize_and_blend_write_flux_in_the_target_formats_names(flux, kohya_fil
         assert set(got) == set(reference)
         for name, value in got.items():
             torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6 * float(reference[name].abs().max()))
+
+
+def test_xlabs_file_against_the_diffusers_folder(flux, tmp_path):
+    """An XLabs Flux LoRA (`double_blocks.0.processor.qkv_lora1.down.weight`, …; original-layout targets at
+    scale 1) merges into the diffusers folder and converts to diffusers/kohya files exactly as diffusers'
+    own XLabs converter loads and fuses it (every module loaded)."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for proc, rows in (("qkv_lora1", 3 * D), ("proj_lora1", D), ("qkv_lora2", 3 * D), ("proj_lora2", D)):
+        tensors[f"double_blocks.0.processor.{proc}.down.weight"] = torch.randn(2, D, generator=gen) * 0.1
+        tensors[f"double_blocks.0.processor.{proc}.up.weight"] = torch.randn(rows, 2, generator=gen) * 0.1
+    lora = tmp_path / "xlabs.safetensors"
+    save_file(tensors, str(lora))
+    reference, loaded = diffusers_fused(flux["folder"], lora)
+    assert loaded == 8 and load_adapter(lora).format == "xlabs"
+    assert validate(load_adapter(lora), load_base(str(flux["folder"]))).ok
+    merge(str(flux["folder"]), [AdapterInput(load_adapter(lora))], tmp_path / "merged", device="cpu")
+    got = load_file(str(tmp_path / "merged" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert assert_merged(got, reference, flux["state"]) == loaded
+    for to in ("diffusers", "kohya"):
+        out = tmp_path / f"{to}.safetensors"
+        assert run_cli("convert", lora, "--to", to, "--out", out).returncode == 0
+        got, count = diffusers_fused(flux["folder"], out)
+        assert count == loaded
+        assert_merged(got, reference, flux["state"])
