@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -28,6 +29,7 @@ SCHEMA_VERSION = 1
 USER_VERSION = SCHEMA_VERSION * 1000 + DESCRIBE_VERSION
 BUSY_TIMEOUT_MS = 10_000
 _CHUNK = 500  # variables per IN (...) query (SQLite allows 999 in old builds)
+_RETRY_S = 0.02  # the pause between tries of an operation SQLite answered "locked" without waiting
 
 
 def lorahub_home() -> Path:
@@ -95,13 +97,22 @@ class Index:
         except OSError as exc:
             self._give_up(f"cannot create {self.path.parent}: {exc.strerror}")
             return
-        try:
-            self._conn = self._connect()
-        except sqlite3.Error as exc:
-            if _is_lock_error(exc) or _is_unusable(exc):
-                self._give_up(f"cannot use the index {self.path}: {exc}")
-            else:
-                self._rebuild()
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._conn = self._connect()
+                return
+            except sqlite3.Error as exc:
+                # switching a new file to WAL while another connection does can answer "locked" at once
+                # (SQLite's deadlock avoidance skips the busy handler): wait and try again, within the timeout
+                if _is_lock_error(exc) and time.monotonic() < deadline:
+                    time.sleep(_RETRY_S)
+                    continue
+                if _is_lock_error(exc) or _is_unusable(exc):
+                    self._give_up(f"cannot use the index {self.path}: {exc}")
+                else:
+                    self._rebuild()
+                return
 
     def _give_up(self, why: str) -> None:
         if self._conn is not None:
@@ -159,17 +170,23 @@ class Index:
 
     def _run(self, op: Any, default: Any) -> Any:
         """`op(conn)`, rebuilding a damaged index once; `default` when there is no index."""
-        for attempt in (0, 1):
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        attempt = 0
+        while attempt < 2:
             if self._conn is None:
                 return default
             try:
                 return op(self._conn)
             except sqlite3.Error as exc:
+                if _is_lock_error(exc) and time.monotonic() < deadline:
+                    time.sleep(_RETRY_S)  # "locked" at once (no busy handler for it): again, within the timeout
+                    continue
                 if _is_lock_error(exc) or _is_unusable(exc):
                     self._give_up(f"cannot use the index {self.path}: {exc}")
                     return default
                 if attempt == 0:
                     self._rebuild()
+                attempt += 1
         return default
 
     # ---- the operations
