@@ -264,14 +264,9 @@ def read_header(path: Path | str, *, check_size: bool = True) -> SafetensorsHead
     path = Path(path)
     fd = open_regular(path)
     try:
-        file_size = os.fstat(fd).st_size
-        header_len = _header_length(os.pread(fd, 8, 0), file_size, path)
-        raw = _pread_exact(fd, header_len, 8)
-    except OSError as exc:
-        raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
+        return _header_from_fd(fd, path, check_size=check_size)
     finally:
         os.close(fd)
-    return _parse_raw_header(raw, path, file_size if check_size else None)
 
 
 def _header_length(head: bytes, file_size: int, path: Path) -> int:
@@ -291,11 +286,7 @@ def _parse_raw_header(raw: bytes, path: Path, file_size: int | None) -> Safetens
     return parse_header_bytes(raw, path, file_size)
 
 
-def _open_fd(path: Path) -> int:
-    return open_regular(path)
-
-
-def _header_from_fd(fd: int, path: Path) -> SafetensorsHeader:
+def _header_from_fd(fd: int, path: Path, *, check_size: bool = True) -> SafetensorsHeader:
     """`read_header` of an open descriptor (positioned reads: the descriptor has no shared offset)."""
     try:
         file_size = os.fstat(fd).st_size
@@ -303,7 +294,7 @@ def _header_from_fd(fd: int, path: Path) -> SafetensorsHeader:
         raw = _pread_exact(fd, header_len, 8)
     except OSError as exc:
         raise LorahubError(f"cannot read: {exc.strerror}", path=path) from None
-    return _parse_raw_header(raw, path, file_size)
+    return _parse_raw_header(raw, path, file_size if check_size else None)
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -442,7 +433,7 @@ def open_safetensors(path: Path | str) -> SafetensorsFile:
             return cached
         # opened and parsed under the lock: threads asking for the same file at once parse it once
         path = Path(path)
-        fd = _open_fd(path)
+        fd = open_regular(path)
         try:
             header = _header_from_fd(fd, path)
             identity = _identity(os.fstat(fd))
