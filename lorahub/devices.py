@@ -7,6 +7,8 @@ gets, TF32 off while lorahub computes) are the same everywhere.
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -106,3 +108,19 @@ def map_layers(job: Callable[[T], R], items: Iterable[T], *, device: torch.devic
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+class Stopped(Exception):
+    """A pipeline thread stopped waiting: another stage failed or the run was stopped."""
+
+
+def get_unless_stopped(q: queue.Queue, stop: threading.Event):
+    """The next item of `q` for a pipeline stage: waits until one comes, or raises `Stopped` once `stop`
+    is set (so no thread waits forever on a stage that failed)."""
+    while True:
+        if stop.is_set():
+            raise Stopped
+        try:
+            return q.get(timeout=0.05)
+        except queue.Empty:
+            continue

@@ -29,16 +29,13 @@ import torch
 from torch import Tensor
 
 from ..adapter import ST_DTYPES
+from ..devices import Stopped, get_unless_stopped
 from ..errors import LorahubError
 from ..storage import pread_into
 from .plan import Pair
 
 CHUNK_BYTES = 32 << 20
 RING_CPU, RING_CUDA = 4, 16  # chunk buffers per side
-
-
-class _Abort(Exception):
-    pass
 
 
 class _Reader(threading.Thread):
@@ -58,13 +55,7 @@ class _Reader(threading.Thread):
         self.bytes = 0
 
     def _get(self, q: queue.Queue):
-        while True:
-            if self.stop.is_set():
-                raise _Abort
-            try:
-                return q.get(timeout=0.05)
-            except queue.Empty:
-                continue
+        return get_unless_stopped(q, self.stop)
 
     def run(self) -> None:
         fds: dict[Path, int] = {}
@@ -86,7 +77,7 @@ class _Reader(threading.Thread):
                 self.busy += time.perf_counter() - began
                 self.bytes += count
                 self.ready.put((buffer, count))
-        except _Abort:
+        except Stopped:
             pass
         except BaseException as exc:  # reported by the computing thread
             self.fail(exc)
@@ -173,8 +164,8 @@ class PairStream:
         try:
             base, nb = self.readers[0].take()
             tuned, nt = self.readers[1].take()
-        except _Abort:
-            raise self.error if self.error is not None else _Abort from None
+        except Stopped:
+            raise self.error if self.error is not None else Stopped from None
         self.advance(nb + nt)
         return base, nb, tuned, nt
 

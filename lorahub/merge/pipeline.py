@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..adapter import ST_DTYPES, LazyTensor, LoraLayer
+from ..devices import Stopped, get_unless_stopped
 from ..errors import LorahubError
 from ..storage import copy_range, pread_into, pwrite_all, start_writeback
 from .ops import Workspace, apply_ops, fits_dtype
@@ -77,10 +78,6 @@ class _Slot:
         self.workspace = Workspace(device) if cuda else workspace
 
 
-class _Abort(Exception):
-    pass
-
-
 class Pipeline:
     """reader thread → computing (calling) thread → writer thread, with bounded slots."""
 
@@ -104,13 +101,7 @@ class Pipeline:
 
     # queue helpers that give up when another stage failed
     def _get(self, q: queue.Queue):
-        while True:
-            if self.stop.is_set():
-                raise _Abort
-            try:
-                return q.get(timeout=0.05)
-            except queue.Empty:
-                continue
+        return get_unless_stopped(q, self.stop)
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -125,7 +116,7 @@ class Pipeline:
         writer.start()
         try:
             self._compute(len(tensor_jobs))
-        except _Abort:
+        except Stopped:
             pass
         except BaseException as exc:  # KeyboardInterrupt too: stop the other stages, then re-raise
             self._fail(exc)
@@ -150,7 +141,7 @@ class Pipeline:
                 pread_into(fd, memoryview(slot.input.numpy())[: job.in_bytes], start)
                 self.busy["read"] += time.perf_counter() - began
                 self.to_compute.put((job, slot))
-        except _Abort:
+        except Stopped:
             pass
         except BaseException as exc:
             self._fail(exc)
@@ -228,7 +219,7 @@ class Pipeline:
                     self._advance_copy(len(job.header_bytes))
                     for item in job.items:
                         if self.stop.is_set():
-                            raise _Abort
+                            raise Stopped
                         if item[0] == "copy":
                             _, src_off, dst_off, count = item
                             began = time.perf_counter()
@@ -241,7 +232,7 @@ class Pipeline:
                 finally:
                     os.close(src_fd)
                     os.close(dst_fd)
-        except _Abort:
+        except Stopped:
             pass
         except BaseException as exc:
             self._fail(exc)
