@@ -41,6 +41,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import tensor_specs  # noqa: E402  (the same synthetic Llama layout as the merge bench)
+
 SHAPES = {
     # Llama-3.2-1B: tied embeddings (no lm_head), GQA 32/8
     "1b": dict(hidden=2048, intermediate=8192, layers=16, vocab=128256, heads=32, kv_heads=8, tied=True),
@@ -51,21 +54,6 @@ SHAPES = {
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    h, i, v = cfg["hidden"], cfg["intermediate"], cfg["vocab"]
-    kv = h * cfg["kv_heads"] // cfg["heads"]
-    specs = [("model.embed_tokens.weight", (v, h))]
-    for layer in range(cfg["layers"]):
-        p = f"model.layers.{layer}."
-        specs += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                  (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                  (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                  (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
-                  (p + "post_attention_layernorm.weight", (h,))]
-    specs.append(("model.norm.weight", (h,)))
-    if not cfg["tied"]:
-        specs.append(("lm_head.weight", (v, h)))
-    return specs
 
 
 def is_linear(name: str) -> bool:

@@ -58,7 +58,9 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
                   (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                   (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
                   (p + "post_attention_layernorm.weight", (h,))]
-    specs += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    specs.append(("model.norm.weight", (h,)))
+    if not cfg.get("tied", False):  # tied embeddings: no lm_head tensor
+        specs.append(("lm_head.weight", (v, h)))
     return specs
 
 
