@@ -181,11 +181,12 @@ def _run(adapter_args, weights, *, out, overwrite, method, to_format, dtype, dev
     with reserve_output(out, fmt, overwrite=overwrite, sources=adapters):
         with step_progress("blending layers", total) as advance:
             result = blend(adapters, weights, options, to=to_format, progress=advance)
-        written = save_adapter(result.adapter, Path(out), fmt, overwrite=overwrite,
+        renamed: list[str] = []
+        written = save_adapter(result.adapter, Path(out), fmt, overwrite=overwrite, notes=renamed,
                                inputs=[("adapter", p) for a in adapters for p in adapter_sources(a)])
     report = result.report.to_dict()
     summary = {k: v for k, v in report["summary"].items() if k != "layers"}
-    warnings = [f"{adapter.name}: {line}" for adapter in adapters for line in adapter.warnings]
+    warnings = [f"{adapter.name}: {line}" for adapter in adapters for line in adapter.warnings] + renamed
     if report["dropped_full_tensors"]:
         warnings.append(f"left out full tensors: {', '.join(report['dropped_full_tensors'])}")
     if summary["dropped"]:

@@ -99,10 +99,11 @@ def resize(adapter: str, rank: int | None, rank_method: str, param: float | None
                 source, rank=rank, method=rank_method, param=param, conv_rank=conv_rank, kohya_compat=kohya_compat,
                 split=split, device=torch_device, compute_dtype=torch.float64 if use_fp64 else torch.float32,
                 out_dtype=out_dtype, progress=advance)
-        written = save_adapter(resized, out, format=fmt, overwrite=overwrite)
+        renamed: list[str] = []
+        written = save_adapter(resized, out, format=fmt, overwrite=overwrite, notes=renamed)
     seconds = time.perf_counter() - start
     summary = report.summary()
-    warnings = list(source.warnings)
+    warnings = list(source.warnings) + renamed
     if summary["zero"]:
         warnings.append(f"{summary['zero']} layer(s) have an all-zero delta; written as rank-1 zero factors")
     if as_json:

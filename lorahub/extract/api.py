@@ -233,9 +233,10 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path | None = None, 
                             power_iters=power_iters, oversample=oversample, seed=seed, progress=progress,
                             chunk_bytes=chunk_bytes)
         adapter = _adapter(plan, layers, full, base_name or str(base), to_format)
-        written = save_adapter(adapter, out, to_format, overwrite=overwrite, inputs=inputs)
+        renamed: list[str] = []
+        written = save_adapter(adapter, out, to_format, overwrite=overwrite, inputs=inputs, notes=renamed)
     report.seconds = time.perf_counter() - start
-    return ExtractResult(adapter, report, plan, written, to_format, _warnings(report))
+    return ExtractResult(adapter, report, plan, written, to_format, _warnings(report) + renamed)
 
 
 def _warnings(report: ExtractReport) -> list[str]:

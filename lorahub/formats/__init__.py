@@ -17,6 +17,7 @@ from ..adapter import Adapter
 from ..errors import LorahubError
 from ..storage import as_os_error, check_regular, is_pickle_path
 from .common import ADAPTER_KEY_MARKERS, TensorSource
+from .naming import in_readers_naming
 from .spec import Format
 
 if TYPE_CHECKING:
@@ -170,33 +171,21 @@ def reserve_output(out: Path | str, format: str, *, overwrite: bool = False,
                           inputs=[("adapter", p) for adapter in sources for p in adapter_sources(adapter)])
 
 
-def in_readers_naming(adapter: Adapter, name: str) -> Adapter:
-    """`adapter` with module names that format `name`'s readers load: a diffusion transformer's modules in
-    that format's naming (`lorahub.families`: diffusers names for diffusers/PEFT, kohya's for kohya;
-    unchanged when already so); ComfyUI-named modules, which no diffusers or PEFT reader knows, are refused
-    for those formats rather than written as a file that loads as nothing."""
-    from ..families.convert import to_family_naming
-    from .comfy_names import is_comfy_name
-
-    adapter, _ = to_family_naming(adapter, name)
-    comfy = [target for target in adapter.layers if is_comfy_name(target)] if name != "kohya" else []
-    if comfy:
-        raise LorahubError(f"module '{comfy[0]}' has a ComfyUI name with no {name} equivalent known to lorahub "
-                           f"({len(comfy)} such module(s)); write --to kohya, which ComfyUI and diffusers read",
-                           path=adapter.path)
-    return adapter
-
-
 def save_adapter(adapter: Adapter, out: Path | str, format: str | None = None, *, overwrite: bool = False,
-                 inputs: Iterable[InputSpec] = ()) -> Path:
+                 inputs: Iterable[InputSpec] = (), notes: list[str] | None = None, named: bool = False) -> Path:
     """Write `adapter` at `out` (a directory for PEFT, a file otherwise) under the output policy
     (`lorahub.output`): an existing `out` is refused unless `overwrite`, never one holding files
-    lorahub did not write, never one that is or holds an input (the adapter's own files included)."""
+    lorahub did not write, never one that is or holds an input (the adapter's own files included). Module
+    names are first put in the names the format's readers load (`naming.in_readers_naming`; what it
+    renamed is appended to `notes`)."""
     from .. import output
 
     name = format or (adapter.format if adapter.format in FORMATS else "peft")
     path, kind = output_target(out, name)
-    adapter = in_readers_naming(adapter, name)
+    if not named:  # `named`: the caller took `in_readers_naming` itself
+        adapter, lines = in_readers_naming(adapter, name)
+        if notes is not None:
+            notes.extend(lines)
     fmt = _REGISTRY[name]
     assert fmt.write is not None
     sources = [("adapter", p) for p in adapter_sources(adapter)]
