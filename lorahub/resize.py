@@ -332,7 +332,7 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, method: str = "
     report.seconds = time.perf_counter() - start
     out = Adapter(path=adapter.path, format=adapter.format, layers=new_layers,
                   full_tensors=dict(adapter.full_tensors), delta_tensors=dict(adapter.delta_tensors),
-                  base_model=adapter.base_model,
+                  base_model=adapter.base_model, has_components=adapter.has_components,
                   config=dict(adapter.config), metadata=_resized_metadata(adapter, report),
                   files=list(adapter.files), other_modules=dict(adapter.other_modules),
                   extra_keys=list(adapter.extra_keys))

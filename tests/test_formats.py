@@ -438,10 +438,13 @@ def test_headers_only_inspect_reads_no_tensor_data(tmp_path, peft_lora_dir):
     assert full.returncode == 1 and "NaN" in full.stderr
 
 
-def test_sdxl_kohya_sgm_names_convert_to_diffusers_names(tmp_path):
+@pytest.mark.parametrize("command", ["convert", "resize", "blend"])
+def test_sdxl_kohya_sgm_names_convert_to_diffusers_names(tmp_path, command):
     """kohya names SDXL UNet modules in its SGM layout (input_blocks.4.1...). diffusers maps those
-    itself when it loads the kohya file; `convert --to diffusers` must write the diffusers names, so
-    the converted file fuses to the same weights as diffusers' own load of the kohya file."""
+    itself when it loads the kohya file; `convert --to diffusers` (and any writer: `resize --to
+    diffusers` at the file's own rank keeps the layers; `blend` of the file alone at weight 1, `cat`) must
+    write the diffusers names and the components diffusers loads them by, so the written file fuses to
+    the same weights as diffusers' own load of the kohya file."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_kohya
@@ -487,7 +490,9 @@ def test_sdxl_kohya_sgm_names_convert_to_diffusers_names(tmp_path):
     expected = {k.replace(".base_layer.", "."): v for k, v in reference.state_dict().items() if ".lora_" not in k}
 
     converted = tmp_path / "converted.safetensors"
-    result = run_cli("convert", sgm_file, "--to", "diffusers", "--out", converted, "--json", check=True)
+    args = {"convert": ["convert", sgm_file], "resize": ["resize", sgm_file, "--rank", "4"],
+            "blend": ["blend", sgm_file, "-w", "1", "--method", "cat"]}[command]
+    result = run_cli(*args, "--to", "diffusers", "--out", converted, "--json", check=True)
     assert any("SGM" in w for w in json.loads(result.stdout)["warnings"])
     with safe_open(str(converted), "pt") as handle:
         assert not any("input_blocks" in k for k in handle.keys())

@@ -346,7 +346,8 @@ def blend(adapters: Sequence[Adapter], weights: Sequence[float], options: BlendO
     metadata = {k: v for k, v in first.metadata.items() if k in BASE_METADATA}
     metadata["lorahub.blend"] = _provenance(report)
     out = Adapter(path=None, format=to or first.format, layers=layers, full_tensors=full_tensors,
-                  base_model=first.base_model, config=config, metadata=metadata, files=[])
+                  base_model=first.base_model, config=config, metadata=metadata, files=[],
+                  has_components=any(adapter.has_components for adapter in adapters))
     return BlendResult(adapter=out, report=report)
 
 
