@@ -15,6 +15,7 @@ tensor before this merge (PEFT computes the DoRA norm from the unmerged base wei
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -99,23 +100,19 @@ def _is_power_of_two(value: float) -> bool:
     return value != 0 and math.isfinite(value) and math.frexp(abs(value))[0] == 0.5
 
 
-_FUSED_OK: list[bool] = []
-
-
+@functools.cache
 def _fused_matches_peft() -> bool:
     """Whether this machine's CPU BLAS gives `W.addmm_(B·s, A)` the bits of PEFT's `W + (B @ A) * s`
     (power-of-two s) on a few shapes of 16+ rows and columns, both orientations; once per process."""
-    if not _FUSED_OK:
-        gen = torch.Generator().manual_seed(0)
-        ok = True
-        for n, k, r in ((64, 48, 8), (16, 96, 4), (128, 16, 16), (40, 24, 1)):
-            W, up, down = (torch.randn(shape, generator=gen) for shape in ((n, k), (n, r), (r, k)))
-            expected = W + torch.mm(up, down).mul_(0.5)
-            fused = W.clone().addmm_(up * 0.5, down)
-            stored = W.T.contiguous().addmm_(down.T, (up * 0.5).T)
-            ok = ok and torch.equal(fused, expected) and torch.equal(stored.T, expected)
-        _FUSED_OK.append(ok)
-    return _FUSED_OK[0]
+    gen = torch.Generator().manual_seed(0)
+    for n, k, r in ((64, 48, 8), (16, 96, 4), (128, 16, 16), (40, 24, 1)):
+        W, up, down = (torch.randn(shape, generator=gen) for shape in ((n, k), (n, r), (r, k)))
+        expected = W + torch.mm(up, down).mul_(0.5)
+        fused = W.clone().addmm_(up * 0.5, down)
+        stored = W.T.contiguous().addmm_(down.T, (up * 0.5).T)
+        if not (torch.equal(fused, expected) and torch.equal(stored.T, expected)):
+            return False
+    return True
 
 
 def _add_delta(weight: torch.Tensor, layer: LoraLayer, coeff: float, device: torch.device,
