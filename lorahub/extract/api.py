@@ -393,8 +393,7 @@ def _stream(plan: ExtractPlan, report: ExtractReport, rule: RankRule, dev: torch
                     t0 = time.perf_counter()
                     stream.delta(pair, groups.slot(key, pair))
                     timings["delta"] += time.perf_counter() - t0
-                    for group in groups.full():
-                        flush(group)
+                    groups.filled(key)
                     continue
                 work = free.get()  # waits for a worker to finish with its buffer
                 t0 = time.perf_counter()

@@ -188,14 +188,15 @@ class Groups:
                 self.finish()  # factor what is pending and free its buffers first
             group = Group(key, torch.empty((capacity, key.n * key.k), dtype=torch.float32, device=self.device))
             self.open[key] = group
-        elif group.full:
-            self.flush(group)
         slot = group.slot()
         group.pairs.append(pair)
         return slot
 
-    def full(self) -> list[Group]:
-        return [group for group in self.open.values() if group.full]
+    def filled(self, key: GroupKey) -> None:
+        """The slot `slot(key, …)` gave is filled: factor its group once the group is full."""
+        group = self.open[key]
+        if group.full:
+            self.flush(group)
 
     def finish(self) -> None:
         """Factor every pending layer; free the buffers."""
