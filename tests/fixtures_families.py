@@ -50,32 +50,28 @@ def save_diffusers_folder(model, root: Path, pipeline_class: str) -> Path:
     return root
 
 
-def tiny_flux(root: Path, seed: int = 7) -> Path:
-    from diffusers import FluxTransformer2DModel
+def _tiny(root: Path, model_class: str, config: dict, pipeline: str, seed: int) -> Path:
+    """A diffusers folder holding one tiny transformer built by diffusers from `config`, seeded weights."""
+    import diffusers
 
-    model = _seeded(FluxTransformer2DModel(**FLUX_TINY), seed)
-    return save_diffusers_folder(model, root, "FluxPipeline")
+    model = _seeded(getattr(diffusers, model_class)(**config), seed)
+    return save_diffusers_folder(model, root, pipeline)
+
+
+def tiny_flux(root: Path, seed: int = 7) -> Path:
+    return _tiny(root, "FluxTransformer2DModel", FLUX_TINY, "FluxPipeline", seed)
 
 
 def tiny_wan(root: Path, seed: int = 9) -> Path:
-    from diffusers import WanTransformer3DModel
-
-    model = _seeded(WanTransformer3DModel(**WAN_TINY), seed)
-    return save_diffusers_folder(model, root, "WanPipeline")
+    return _tiny(root, "WanTransformer3DModel", WAN_TINY, "WanPipeline", seed)
 
 
 def tiny_qwen_image(root: Path, seed: int = 5) -> Path:
-    from diffusers import QwenImageTransformer2DModel
-
-    model = _seeded(QwenImageTransformer2DModel(**QWEN_TINY), seed)
-    return save_diffusers_folder(model, root, "QwenImagePipeline")
+    return _tiny(root, "QwenImageTransformer2DModel", QWEN_TINY, "QwenImagePipeline", seed)
 
 
 def tiny_sd3(root: Path, seed: int = 3) -> Path:
-    from diffusers import SD3Transformer2DModel
-
-    model = _seeded(SD3Transformer2DModel(**SD3_TINY), seed)
-    return save_diffusers_folder(model, root, "StableDiffusion3Pipeline")
+    return _tiny(root, "SD3Transformer2DModel", SD3_TINY, "StableDiffusion3Pipeline", seed)
 
 
 # ---------------------------------------------------------------------------------------------
